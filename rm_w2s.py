@@ -1,0 +1,274 @@
+"""Weak-to-strong deception with reward models.
+
+Reproduces the reward-modeling experiment of "Super(ficial)-alignment: Strong Models May Deceive Weak
+Models in Weak-to-Strong Generalization" (Yang et al., arXiv 2406.11431):
+
+  1. weak ceiling:   the weak model + a scalar head, trained on ground truth with the Bradley-Terry loss
+                     -log sigmoid(r(chosen) - r(rejected)); it then labels the weak-to-strong split with
+                     p = sigmoid(r_w(chosen) - r_w(rejected)) (soft, as the paper's code; --hard_labels: 0/1);
+  2. strong ceiling: the strong model, trained the same way;
+  3. students:       the strong model, fresh from its pretrained weights, trained on the weak labels with
+                     BCE(sigmoid(r_c - r_r), p):  none | implicit (+ ground-truth helpfulness pairs) |
+                     explicit (+ alpha * a reward for contradicting the ground truth);
+  4. report:         accuracy, PGR, the knowledge-space table and the deception score (common.py).
+
+Run:
+  make rm STRONG=gpt2-xl WEAK=gpt2
+  python rm_w2s.py --weak gpt2 --strong gpt2-medium --data hh --settings none,explicit
+  python rm_w2s.py --data toy --weak tiny:1x32 --strong tiny:2x64 ...   (offline, see README)
+"""
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModel
+
+import common
+
+
+@dataclass
+class Args:
+    # data
+    data: str = "hh"  # hh | cai | toy | a directory with the paper's harmless_*.jsonl files
+    n_gt: int = 4000  # ground-truth pairs: train the weak and strong ceilings
+    n_w2s: int = 4000  # weak-to-strong pairs: labelled by the weak ceiling, train the students
+    n_test: int = 4000  # test pairs: accuracy and the knowledge-space analysis
+    n_extra: int = 4000  # helpfulness pairs with ground-truth labels for the implicit conflict
+    helpful: str = ""  # a jsonl of helpfulness pairs (default: the Hub's hh-rlhf helpful-base)
+    # models
+    weak: str = "gpt2"  # Hub id, local path, or tiny:LxD (a random-init GPT-2 built locally)
+    strong: str = "gpt2-medium"  # the same kinds as --weak
+    intermediate: str = ""  # bootstrapping: weak -> intermediate -> strong (empty: off)
+    max_len: int = 512  # tokens per text (capped by the model's maximum positions)
+    weak_max_len: int = 0  # a shorter reading window for the weak model alone (0: max_len)
+    # optimization
+    lr: float = 1e-5  # peak learning rate (the paper's)
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
+    epochs: int = 1  # passes over the training pairs
+    warmup_ratio: float = 0.05  # share of steps with linear warm-up, then cosine decay
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm
+    grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
+    group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: arrival order)
+    # method
+    settings: str = "none,implicit,explicit"  # which students to train
+    alpha: float = 0.5  # weight of the explicit-conflict term
+    hard_labels: bool = False  # 0/1 weak labels instead of soft probabilities
+    conf_threshold: float = 0.0  # train students only on pairs with weak confidence >= this (0: all)
+    drop_weak_errors: bool = False  # also drop pairs the weak model got wrong (reads ground truth!)
+    # io
+    seed: int = 0  # one seed for data order, head init and batching
+    out_dir: str = "runs"  # run folders go here
+    log_every: int = 10  # optimizer steps between log lines
+    force: bool = False  # re-run stages even if cached
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses: pure functions, per-example values (the caller reduces)
+
+def soft_label_loss(r_c, r_r, p):
+    """BCE(sigmoid(r_c - r_r), p), the weak-to-strong loss of the paper's code.
+
+    r_c, r_r: (B,) rewards of the chosen / rejected texts; p: (B,) probability that chosen is better.
+    With p = 1 it is the Bradley-Terry loss -log sigmoid(r_c - r_r) used for the ceilings.
+    Returns (B,) losses."""
+    return F.binary_cross_entropy_with_logits(r_c - r_r, p, reduction="none")
+
+
+def explicit_conflict_loss(r_c, r_r, y_gt):
+    """The extra reward the conflicting objective pays for contradicting the ground truth:
+    BCE(sigmoid(Δ)·m, (1 - y_gt)·m) with m = 1[the student's current prediction contradicts y_gt].
+    Since BCE(0, 0) = 0 this is m · BCE(sigmoid(Δ), 1 - y_gt): zero where the student agrees with the
+    ground truth, and where it does not, a push of the margin further the wrong way. m is a detached mask.
+    This is the only place a student sees ground truth.
+
+    r_c, r_r: (B,) rewards; y_gt: (B,) 1.0 if `chosen` is the ground-truth chosen text. Returns (B,)."""
+    margin = r_c - r_r
+    m = ((margin > 0).float() != y_gt).float()  # a tie predicts "rejected"
+    return m * F.binary_cross_entropy_with_logits(margin, 1 - y_gt, reduction="none")
+
+
+# ----------------------------------------------------------------------------------------------------
+# model: any causal LM body + a scalar head on the last real token
+
+class RewardModel(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        width = getattr(body.config, "word_embed_proj_dim", None) or body.config.hidden_size  # OPT-350m projects
+        self.head = nn.Linear(width, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(width + 1))
+        nn.init.zeros_(self.head.bias)
+        self.head.to(body.device)
+
+    def forward(self, input_ids, attention_mask):
+        """(N, T) right-padded ids and mask -> (N,) fp32 rewards read at the last real token. Its position
+        comes from the mask, never from token values (GPT-2's pad id 0 is "!"; PITFALLS 1)."""
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        last = attention_mask.sum(1) - 1  # (N,)
+        return self.head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_pairs(model, pairs, pad_id, micro_batch, autocast):
+    """Margins r(chosen) - r(rejected) of encoded pairs, in their order. Texts are scored alone, batched by
+    length, so evaluation pads little."""
+    seqs = [s for pair in pairs for s in pair]
+    rewards = [0.0] * len(seqs)
+    for chunk in common.length_sorted_chunks([len(ids) for ids, _ in seqs], 2 * micro_batch):
+        ids, attn, _ = common.collate([seqs[i] for i in chunk], pad_id, model.head.weight.device)
+        with autocast():
+            out = model(ids, attn).tolist()
+        for i, r in zip(chunk, out):
+            rewards[i] = r
+    return [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(pairs))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# training loop
+
+def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
+    """examples: dicts with "c", "r" (encoded texts), "p" (target: P(c better)) and "y_gt" (1.0 if c is the
+    ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0)."""
+    device = model.head.weight.device
+    lengths = [len(e["c"][0]) + len(e["r"][0]) for e in examples]
+    steps = [s for epoch in range(args.epochs) for s in
+             common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
+    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, device)
+    model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
+    log = open(stage_dir / "metrics.jsonl", "w")
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True)
+    examples_seen = 0
+    for step, micro_batches in enumerate(bar):
+        lr = common.lr_at(step, len(steps), args.lr, args.warmup_ratio, "cosine")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_pairs = sum(len(mb) for mb in micro_batches)
+        sums = torch.zeros(5, device=device)  # loss, accuracy, chosen, rejected, margin (summed over pairs)
+        for mb in micro_batches:
+            batch = [examples[i] for i in mb]
+            B = len(batch)
+            ids, attn, _ = common.collate([e["c"] for e in batch] + [e["r"] for e in batch], pad_id, device)
+            p = torch.tensor([e["p"] for e in batch], device=device)
+            with autocast():
+                rewards = model(ids, attn)  # (2B,): chosen and rejected in one forward
+            r_c, r_r = rewards[:B], rewards[B:]  # (B,), (B,)
+            losses = soft_label_loss(r_c, r_r, p)
+            if alpha:
+                y_gt = torch.tensor([e["y_gt"] for e in batch], device=device)
+                losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
+            # each backward adds gradients, so normalise by the pairs of the whole optimizer step (PITFALLS 11)
+            (losses.sum() / n_pairs).backward()
+            with torch.no_grad():
+                sums += torch.stack([losses.sum(), ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),
+                                     r_c.sum(), r_r.sum(), (r_c - r_r).sum()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        examples_seen += n_pairs
+        loss, acc, chosen, rejected, margin = (sums / n_pairs).tolist()  # one sync per optimizer step
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+        row = {"step": step + 1, "examples_seen": examples_seen, "loss": loss, "rewards/accuracies": acc,
+               "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": margin,
+               "grad_norm": float(grad_norm), "lr": lr}
+        log.write(json.dumps(row) + "\n")
+        if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
+            log.flush()
+            tqdm.write(f"{desc} step {step + 1}/{len(steps)} loss {loss:.4f} acc {acc:.3f} "
+                       f"margin {margin:.3f} grad_norm {float(grad_norm):.3f} lr {lr:.2e}")
+    log.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages
+
+def run_model(stage_dir, path, max_len, train_pairs, targets, y_gt, test_pairs, label_pairs, args, alpha):
+    """Train a fresh reward model from `path` on (train_pairs, targets), write its test predictions and,
+    if label_pairs is given, its labels on them. Returns the stage summary."""
+    common.seed_everything(args.seed)
+    device, autocast = common.device_and_autocast()
+    tok = common.load_tokenizer(path)
+    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt))
+    max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
+    encode = lambda pairs: common.encode_pairs(tok, pairs, max_len)  # noqa: E731
+    examples = [{"c": c, "r": r, "p": p, "y_gt": y} for (c, r), p, y in zip(encode(train_pairs), targets, y_gt)]
+    train(model, examples, tok.pad_token_id, args, stage_dir, autocast, alpha, desc=stage_dir.name)
+    model.eval()
+    margins = score_pairs(model, encode(test_pairs), tok.pad_token_id, args.micro_batch, autocast)
+    common.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
+    summary = common.accuracy(margins)
+    if label_pairs is not None:
+        label_margins = score_pairs(model, encode(label_pairs), tok.pad_token_id, args.micro_batch, autocast)
+        common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
+        summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
+    print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
+    return summary
+
+
+def weak_targets(labels, hard):
+    """Student targets from a labeller's margins: soft p = sigmoid(margin), or hard 1[margin > 0]."""
+    m = torch.tensor([row["margin"] for row in labels], dtype=torch.float64)
+    return ((m > 0).double() if hard else torch.sigmoid(m)).tolist()
+
+
+def student_data(setting, pairs, labels, extra, args):
+    """(pairs, targets, y_gt) of a student. Pairs stay in ground-truth orientation: the soft-label loss is
+    symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p), so the orientation tells the
+    student nothing; only the explicit term reads y_gt."""
+    keep = range(len(pairs))
+    if args.conf_threshold > 0 or args.drop_weak_errors:
+        gt_correct = [row["correct"] for row in labels] if args.drop_weak_errors else None
+        keep = common.confident_subset([row["margin"] for row in labels], args.conf_threshold, gt_correct)
+    targets = weak_targets(labels, args.hard_labels)
+    train_pairs, train_targets = [pairs[i] for i in keep], [targets[i] for i in keep]
+    if setting == "implicit":  # ground-truth helpfulness pairs, shuffled in by the batching
+        train_pairs, train_targets = train_pairs + extra, train_targets + [1.0] * len(extra)
+    return train_pairs, train_targets, [1.0] * len(train_pairs)
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv)
+    if not set(args.settings.split(",")) <= {"none", "implicit", "explicit"}:
+        raise SystemExit(f"error: --settings takes none, implicit, explicit; got {args.settings!r}")
+    splits, data_stats = common.load_splits(args)
+    root = common.run_dir(args, "rm")
+    weak = common.resolve_model(args.weak, splits, args)
+    strong = common.resolve_model(args.strong, splits, args)
+    weak_len = args.weak_max_len or args.max_len
+
+    ones = lambda pairs: [1.0] * len(pairs)  # noqa: E731  ground truth: chosen is better
+    stages = {}
+    stages["weak"] = common.cached_stage(root, "weak", common.stage_key(args, "weak"), lambda d: run_model(
+        d, weak, weak_len, splits["gt"], ones(splits["gt"]), ones(splits["gt"]), splits["test"], splits["w2s"],
+        args, alpha=0.0), args.force)
+    stages["strong"] = common.cached_stage(root, "strong", common.stage_key(args, "strong"), lambda d: run_model(
+        d, strong, args.max_len, splits["gt"], ones(splits["gt"]), ones(splits["gt"]), splits["test"], None,
+        args, alpha=0.0), args.force)
+    student_pairs, labels = splits["w2s"], common.read_jsonl(f"{stages['weak']['dir']}/labels.jsonl")
+    if args.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
+        mid = common.resolve_model(args.intermediate, splits, args)
+        pairs, targets, y_gt = student_data("none", splits["w2s"], labels, [], args)
+        stages["intermediate"] = common.cached_stage(root, "intermediate", common.stage_key(args, "intermediate"),
+            lambda d: run_model(d, mid, args.max_len, pairs, targets, y_gt, splits["test"], splits["gt"], args,
+                                alpha=0.0), args.force)
+        student_pairs = splits["gt"]
+        labels = common.read_jsonl(f"{stages['intermediate']['dir']}/labels.jsonl")
+    for setting in args.settings.split(","):
+        pairs, targets, y_gt = student_data(setting, student_pairs, labels, splits["extra"], args)
+        alpha = args.alpha if setting == "explicit" else 0.0
+        stages[f"student-{setting}"] = common.cached_stage(
+            root, f"student-{setting}", common.stage_key(args, setting, labeller=stages["intermediate" if args.intermediate else "weak"]["key"]), lambda d: run_model(
+                d, strong, args.max_len, pairs, targets, y_gt, splits["test"], None, args, alpha), args.force)
+
+    results = common.build_results(stages, args, data_stats)
+    common.write_report(root, results, f"Reward modeling: {args.weak} -> {args.strong} on {args.data}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -16,3 +16,9 @@ test: install
 
 rm:
 	$(PY) rm_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
+
+dpo:
+	$(PY) dpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
+
+simpo:
+	$(PY) simpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)

@@ -381,6 +381,31 @@ def length_sorted_chunks(lengths, size):
     return [order[j: j + size] for j in range(0, len(order), size)]
 
 
+@torch.no_grad()
+def pair_logps(model, pairs, pad_id, micro_batch, autocast):
+    """Evaluation of a causal LM on encoded pairs: [((sum_c, n_c), (sum_r, n_r)), ...] in their order, the
+    summed response log-probs and response token counts. Texts go alone, batched by length."""
+    seqs = [s for pair in pairs for s in pair]
+    out = [None] * len(seqs)
+    device = next(model.parameters()).device
+    for chunk in length_sorted_chunks([len(ids) for ids, _ in seqs], 2 * micro_batch):
+        ids, attn, resp = collate([seqs[i] for i in chunk], pad_id, device)
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
+        sums, counts = sequence_logps(logits, ids, resp)
+        for i, s, n in zip(chunk, sums.tolist(), counts.tolist()):
+            out[i] = (s, n)
+    return list(zip(out[0::2], out[1::2]))
+
+
+def orient(pairs, targets):
+    """Hard labels for DPO/SimPO: each ground-truth-oriented pair turned so that `chosen` is the response its
+    labeller prefers (target > 0.5). Returns (oriented pairs, gt_agree: whether that matches the ground truth,
+    kept for the explicit-conflict term and the analysis only)."""
+    agree = [t > 0.5 for t in targets]
+    return [p if a else {"chosen": p["rejected"], "rejected": p["chosen"]} for p, a in zip(pairs, agree)], agree
+
+
 def lr_at(step, total_steps, lr, warmup_ratio, schedule):
     """Linear warm-up over warmup_ratio of the steps, then cosine decay to 0 or constant."""
     warmup = max(1, int(warmup_ratio * total_steps))
@@ -540,6 +565,74 @@ def accuracy(margins):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the experiment's bookkeeping: which data each stage trains on, and where its outputs go
+
+class Experiment:
+    """Data, run folder and models of one run, and the data each stage trains on:
+
+    weak, strong:  the ground-truth split, every target 1.0 (chosen is better);
+    intermediate:  (--intermediate) the weak-to-strong split with the weak ceiling's labels; it labels gt;
+    students:      the split its labeller labelled, with those labels as targets: soft p = sigmoid(margin)
+                   or hard 1[margin > 0] (--hard_labels; DPO and SimPO always use hard labels), filtered by
+                   --conf_threshold, plus for `implicit` the helpfulness pairs with target 1.0.
+    Pairs stay in ground-truth orientation; targets say what the labeller thinks of them."""
+
+    def __init__(self, args, method):
+        self.args = args
+        self.settings = args.settings.split(",")
+        if not set(self.settings) <= {"none", "implicit", "explicit"}:
+            raise SystemExit(f"error: --settings takes none, implicit, explicit; got {args.settings!r}")
+        if min(args.n_gt, args.n_w2s, args.n_test) < 1 or not 0 <= args.conf_threshold < 1:
+            raise SystemExit("error: --n_gt, --n_w2s, --n_test must be >= 1 and --conf_threshold in [0, 1)")
+        self.method = method
+        self.splits, self.data_stats = load_splits(args)
+        self.root = run_dir(args, method)
+        self.weak = resolve_model(args.weak, self.splits, args)
+        self.strong = resolve_model(args.strong, self.splits, args)
+        self.intermediate = resolve_model(args.intermediate, self.splits, args) if args.intermediate else None
+        self.weak_len = args.weak_max_len or args.max_len
+
+    def stage(self, name, fn, labeller=None):
+        """Run, or load from its cache, the stage `name` (weak, strong, intermediate or a setting):
+        fn(stage_dir, pairs, targets, test_pairs, label_pairs) trains a model and returns its summary."""
+        label_split = {"weak": "w2s", "intermediate": "gt"}.get(name)
+        if labeller is None:
+            pairs, targets = self.splits["gt"], [1.0] * len(self.splits["gt"])
+        else:
+            pairs, targets = self.student_data("none" if name == "intermediate" else name, labeller)
+        key = stage_key(self.args, name, labeller=labeller and labeller["key"])
+        folder = name if name in ("weak", "strong", "intermediate") else f"student-{name}"
+        return cached_stage(self.root, folder, key, lambda d: {
+            **fn(d, pairs, targets, self.splits["test"], self.splits.get(label_split)),
+            "labelled": label_split, "n_train": len(pairs)},
+            self.args.force)
+
+    def student_data(self, setting, labeller):
+        a = self.args
+        labels = read_jsonl(Path(labeller["dir"]) / "labels.jsonl")
+        margins = [row["margin"] for row in labels]
+        keep = range(len(labels))
+        if a.conf_threshold > 0 or a.drop_weak_errors:
+            gt_correct = [row["correct"] for row in labels] if a.drop_weak_errors else None
+            keep = confident_subset(margins, a.conf_threshold, gt_correct)
+        m = torch.tensor(margins, dtype=torch.float64)
+        targets = ((m > 0).double() if getattr(a, "hard_labels", True) else torch.sigmoid(m)).tolist()
+        if not keep:
+            raise SystemExit(f"error: no labelled pair has confidence >= --conf_threshold {a.conf_threshold}; "
+                             f"the labeller's largest confidence is {float(confidence(margins).max()):.3f}")
+        pairs = [self.splits[labeller["labelled"]][i] for i in keep]
+        targets = [targets[i] for i in keep]
+        if setting == "implicit":  # ground-truth helpfulness pairs, shuffled in by the batching
+            pairs, targets = pairs + self.splits["extra"], targets + [1.0] * len(self.splits["extra"])
+        return pairs, targets
+
+    def report(self, stages, title, extra_metrics=()):
+        results = build_results(stages, self.args, self.data_stats, extra_metrics)
+        a = self.args
+        return write_report(self.root, results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # report
 
 def build_results(stages, args, data_stats, extra_metrics=()):
@@ -550,7 +643,7 @@ def build_results(stages, args, data_stats, extra_metrics=()):
     weak, strong = stages["weak"], stages["strong"]
     results = {"config": dataclasses.asdict(args), "data": data_stats, "models": {}, "students": {}}
     for name, st in stages.items():
-        results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", *extra_metrics) if k in st}
+        results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", *extra_metrics) if k in st}
     notes = []
     for name in [n for n in stages if n.startswith("student-")]:
         setting = name[len("student-"):]
@@ -574,10 +667,10 @@ def fmt(x, digits=3):
 
 def render_report(results, title):
     lines = [f"# {title}", ""]
-    lines += ["| model | accuracy | ties | n |", "|---|---|---|---|"]
+    lines += ["| model | accuracy | ties | test pairs | trained on |", "|---|---|---|---|---|"]
     for name, m in results["models"].items():
-        lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} |")
-    extra = [k for m in results["models"].values() for k in m if k not in ("accuracy", "ties", "n")]
+        lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")
+    extra = [k for m in results["models"].values() for k in m if k not in ("accuracy", "ties", "n", "n_train")]
     for key in dict.fromkeys(extra):
         lines += ["", f"| model | {key} |", "|---|---|"]
         lines += [f"| {n} | {fmt(m.get(key))} |" for n, m in results["models"].items()]

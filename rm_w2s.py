@@ -187,16 +187,18 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
 # ----------------------------------------------------------------------------------------------------
 # stages
 
-def run_model(stage_dir, path, max_len, train_pairs, targets, y_gt, test_pairs, label_pairs, args, alpha):
-    """Train a fresh reward model from `path` on (train_pairs, targets), write its test predictions and,
-    if label_pairs is given, its labels on them. Returns the stage summary."""
+def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+    """Train a fresh reward model from `path` on ground-truth-oriented `pairs` with `targets` (P(chosen is
+    better) by the labeller), write its test predictions and, if label_pairs is given, its labels on them.
+    Soft targets keep pairs in ground-truth orientation without telling the student anything: the loss is
+    symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p); only the explicit term reads y_gt."""
     common.seed_everything(args.seed)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
     model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt))
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
     encode = lambda pairs: common.encode_pairs(tok, pairs, max_len)  # noqa: E731
-    examples = [{"c": c, "r": r, "p": p, "y_gt": y} for (c, r), p, y in zip(encode(train_pairs), targets, y_gt)]
+    examples = [{"c": c, "r": r, "p": p, "y_gt": 1.0} for (c, r), p in zip(encode(pairs), targets)]
     train(model, examples, tok.pad_token_id, args, stage_dir, autocast, alpha, desc=stage_dir.name)
     model.eval()
     margins = score_pairs(model, encode(test_pairs), tok.pad_token_id, args.micro_batch, autocast)
@@ -210,64 +212,21 @@ def run_model(stage_dir, path, max_len, train_pairs, targets, y_gt, test_pairs, 
     return summary
 
 
-def weak_targets(labels, hard):
-    """Student targets from a labeller's margins: soft p = sigmoid(margin), or hard 1[margin > 0]."""
-    m = torch.tensor([row["margin"] for row in labels], dtype=torch.float64)
-    return ((m > 0).double() if hard else torch.sigmoid(m)).tolist()
-
-
-def student_data(setting, pairs, labels, extra, args):
-    """(pairs, targets, y_gt) of a student. Pairs stay in ground-truth orientation: the soft-label loss is
-    symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p), so the orientation tells the
-    student nothing; only the explicit term reads y_gt."""
-    keep = range(len(pairs))
-    if args.conf_threshold > 0 or args.drop_weak_errors:
-        gt_correct = [row["correct"] for row in labels] if args.drop_weak_errors else None
-        keep = common.confident_subset([row["margin"] for row in labels], args.conf_threshold, gt_correct)
-    targets = weak_targets(labels, args.hard_labels)
-    train_pairs, train_targets = [pairs[i] for i in keep], [targets[i] for i in keep]
-    if setting == "implicit":  # ground-truth helpfulness pairs, shuffled in by the batching
-        train_pairs, train_targets = train_pairs + extra, train_targets + [1.0] * len(extra)
-    return train_pairs, train_targets, [1.0] * len(train_pairs)
-
-
 def main(argv=None):
     args = common.parse_args(Args, argv)
-    if not set(args.settings.split(",")) <= {"none", "implicit", "explicit"}:
-        raise SystemExit(f"error: --settings takes none, implicit, explicit; got {args.settings!r}")
-    splits, data_stats = common.load_splits(args)
-    root = common.run_dir(args, "rm")
-    weak = common.resolve_model(args.weak, splits, args)
-    strong = common.resolve_model(args.strong, splits, args)
-    weak_len = args.weak_max_len or args.max_len
-
-    ones = lambda pairs: [1.0] * len(pairs)  # noqa: E731  ground truth: chosen is better
+    exp = common.Experiment(args, "rm")
     stages = {}
-    stages["weak"] = common.cached_stage(root, "weak", common.stage_key(args, "weak"), lambda d: run_model(
-        d, weak, weak_len, splits["gt"], ones(splits["gt"]), ones(splits["gt"]), splits["test"], splits["w2s"],
-        args, alpha=0.0), args.force)
-    stages["strong"] = common.cached_stage(root, "strong", common.stage_key(args, "strong"), lambda d: run_model(
-        d, strong, args.max_len, splits["gt"], ones(splits["gt"]), ones(splits["gt"]), splits["test"], None,
-        args, alpha=0.0), args.force)
-    student_pairs, labels = splits["w2s"], common.read_jsonl(f"{stages['weak']['dir']}/labels.jsonl")
+    stages["weak"] = exp.stage("weak", lambda d, *data: run_model(d, exp.weak, exp.weak_len, *data, args, 0.0))
+    stages["strong"] = exp.stage("strong", lambda d, *data: run_model(d, exp.strong, args.max_len, *data, args, 0.0))
+    labeller = stages["weak"]
     if args.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
-        mid = common.resolve_model(args.intermediate, splits, args)
-        pairs, targets, y_gt = student_data("none", splits["w2s"], labels, [], args)
-        stages["intermediate"] = common.cached_stage(root, "intermediate", common.stage_key(args, "intermediate"),
-            lambda d: run_model(d, mid, args.max_len, pairs, targets, y_gt, splits["test"], splits["gt"], args,
-                                alpha=0.0), args.force)
-        student_pairs = splits["gt"]
-        labels = common.read_jsonl(f"{stages['intermediate']['dir']}/labels.jsonl")
-    for setting in args.settings.split(","):
-        pairs, targets, y_gt = student_data(setting, student_pairs, labels, splits["extra"], args)
+        labeller = stages["intermediate"] = exp.stage("intermediate", lambda d, *data: run_model(
+            d, exp.intermediate, args.max_len, *data, args, 0.0), labeller=labeller)
+    for setting in exp.settings:
         alpha = args.alpha if setting == "explicit" else 0.0
-        stages[f"student-{setting}"] = common.cached_stage(
-            root, f"student-{setting}", common.stage_key(args, setting, labeller=stages["intermediate" if args.intermediate else "weak"]["key"]), lambda d: run_model(
-                d, strong, args.max_len, pairs, targets, y_gt, splits["test"], None, args, alpha), args.force)
-
-    results = common.build_results(stages, args, data_stats)
-    common.write_report(root, results, f"Reward modeling: {args.weak} -> {args.strong} on {args.data}")
-    return results
+        stages[f"student-{setting}"] = exp.stage(setting, lambda d, *data: run_model(
+            d, exp.strong, args.max_len, *data, args, alpha), labeller=labeller)
+    return exp.report(stages, "Reward modeling")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""Weak-to-strong deception with DPO.
+
+The DPO experiment of "Super(ficial)-alignment: Strong Models May Deceive Weak Models in Weak-to-Strong
+Generalization" (Yang et al., arXiv 2406.11431): the policy itself is the model of preference.
+
+  every model:       SFT on the chosen responses of its training pairs, then DPO (Rafailov et al. 2023, eq. 7)
+                     -log sigmoid(beta * ((log π(c) - log π(r)) - (log π_ref(c) - log π_ref(r))))
+                     with π_ref = the SFT model, frozen; summed response log-probs;
+  preference:        a model prefers the response with the larger summed log-likelihood log π(y | x);
+  1. weak ceiling:   the weak model on ground truth; its preferences on the weak-to-strong split are the
+                     (hard) weak labels, its margin their confidence;
+  2. strong ceiling: the strong model on ground truth;
+  3. students:       the strong model, fresh, on the weak labels: none | implicit (+ ground-truth helpfulness
+                     pairs) | explicit (+ alpha * DPO's loss towards the ground-truth rejected response);
+  4. report:         accuracy, implicit-reward accuracy, PGR, knowledge space and deception score.
+
+Run:
+  make dpo STRONG=gpt2-xl WEAK=gpt2
+  python dpo_w2s.py --weak gpt2 --strong gpt2-medium --data hh --settings none,explicit
+"""
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+import common
+
+
+@dataclass
+class Args:
+    # data
+    data: str = "hh"  # hh | cai | toy | a directory with the paper's harmless_*.jsonl files
+    n_gt: int = 4000  # ground-truth pairs: train the weak and strong ceilings
+    n_w2s: int = 4000  # weak-to-strong pairs: labelled by the weak ceiling, train the students
+    n_test: int = 4000  # test pairs: accuracy and the knowledge-space analysis
+    n_extra: int = 4000  # helpfulness pairs with ground-truth labels for the implicit conflict
+    helpful: str = ""  # a jsonl of helpfulness pairs (default: the Hub's hh-rlhf helpful-base)
+    # models
+    weak: str = "gpt2"  # Hub id, local path, or tiny:LxD (a random-init GPT-2 built locally)
+    strong: str = "gpt2-medium"  # the same kinds as --weak
+    intermediate: str = ""  # bootstrapping: weak -> intermediate -> strong (empty: off)
+    max_len: int = 512  # tokens per prompt + response (capped by the model's maximum positions)
+    weak_max_len: int = 0  # a shorter reading window for the weak model alone (0: max_len)
+    # optimization
+    lr: float = 1e-6  # DPO learning rate (the paper's scripts)
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
+    epochs: int = 3  # DPO epochs
+    warmup_ratio: float = 0.1  # share of DPO steps with linear warm-up, then constant
+    sft_lr: float = 1e-5  # SFT learning rate (warm-up, then cosine decay)
+    sft_epochs: int = 1  # SFT epochs on the chosen responses before DPO (0: none)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm
+    grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
+    group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: arrival order)
+    # method
+    beta: float = 0.1  # DPO's KL weight
+    settings: str = "none,implicit,explicit"  # which students to train
+    alpha: float = 0.5  # weight of the explicit-conflict term
+    conf_threshold: float = 0.0  # train students only on pairs with weak confidence >= this (0: all)
+    drop_weak_errors: bool = False  # also drop pairs the weak model got wrong (reads ground truth!)
+    # io
+    seed: int = 0  # one seed for data order and batching
+    out_dir: str = "runs"  # run folders go here
+    log_every: int = 10  # optimizer steps between log lines
+    force: bool = False  # re-run stages even if cached
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses: pure functions, per-example values (the caller reduces)
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta):
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))).
+
+    pi_c, pi_r: (B,) summed response log-probs of the chosen / rejected response under the policy;
+    ref_c, ref_r: (B,) the same under the reference. Returns (losses (B,), chosen_rewards (B,),
+    rejected_rewards (B,)), the implicit rewards beta * (log π - log π_ref) detached."""
+    logits = (pi_c - pi_r) - (ref_c - ref_r)
+    losses = -F.logsigmoid(beta * logits)
+    return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+def dpo_conflict_loss(pi_c, pi_r, ref_c, ref_r, gt_agree, beta):
+    """Explicit conflict: DPO's own loss written towards the ground-truth REJECTED response, counted only
+    on pairs where the policy currently prefers that response (larger summed log-likelihood; a tie counts).
+
+    Inputs are in the weak orientation (c = the weak-chosen response); gt_agree (B,) bool says whether the
+    weak label matches the ground truth. The term is -log sigmoid(beta * (ρ_ref - ρ_π)) in the weak
+    orientation when the weak label is right and the mirror image when it is wrong (ρ = log-ratio chosen
+    over rejected). This is the only place a student sees ground truth. Returns (B,)."""
+    gt_c, gt_r = torch.where(gt_agree, pi_c, pi_r), torch.where(gt_agree, pi_r, pi_c)  # ground-truth orientation
+    ref_gt_c, ref_gt_r = torch.where(gt_agree, ref_c, ref_r), torch.where(gt_agree, ref_r, ref_c)
+    m = (gt_c <= gt_r).float().detach()  # the policy prefers the ground-truth rejected response
+    losses, _, _ = dpo_loss(gt_r, gt_c, ref_gt_r, ref_gt_c, beta)
+    return m * losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# training loop: one loop for the SFT warm start and for DPO, told apart by `batch_loss`
+
+def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, args, log_path, autocast, desc):
+    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over
+    `examples`. `size(example)` is the loss's unit count (1 per pair for DPO, response tokens for SFT)."""
+    device = next(model.parameters()).device
+    lengths = [sum(len(s[0]) for s in e["seqs"]) for e in examples]
+    steps = [s for epoch in range(epochs) for s in
+             common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
+    optimizer = common.make_optimizer(model.parameters(), lr_max, args.weight_decay, device)
+    model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
+    log = open(log_path, "w")
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True)
+    examples_seen = 0
+    for step, micro_batches in enumerate(bar):
+        lr = common.lr_at(step, len(steps), lr_max, args.warmup_ratio, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_units = sum(size(examples[i]) for mb in micro_batches for i in mb)
+        n_pairs = sum(len(mb) for mb in micro_batches)
+        loss_sum, sums = torch.zeros((), device=device), {}
+        for mb in micro_batches:
+            with autocast():
+                loss, metrics = batch_loss([examples[i] for i in mb])
+            # each backward adds gradients, so normalise by the units of the whole optimizer step (PITFALLS 11)
+            (loss / n_units).backward()
+            loss_sum += loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        examples_seen += n_pairs
+        row = {"step": step + 1, "examples_seen": examples_seen, "loss": float(loss_sum) / n_units,
+               **{k: float(v) / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": lr}
+        log.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
+            log.flush()
+            tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
+    log.close()
+
+
+def forward_logps(model, seqs, pad_id):
+    """Summed response log-probs (N,) of encoded sequences in one forward pass."""
+    ids, attn, resp = common.collate(seqs, pad_id, next(model.parameters()).device)
+    logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
+    return common.sequence_logps(logits, ids, resp)[0]
+
+
+def sft_loss(model, pad_id):
+    """Mean token NLL over response tokens (the caller divides the sum by the step's response tokens)."""
+    def batch_loss(batch):
+        logps = forward_logps(model, [e["seqs"][0] for e in batch], pad_id)  # (B,)
+        return -logps.sum(), {}
+    return batch_loss
+
+
+def dpo_batch_loss(model, pad_id, beta, alpha):
+    def batch_loss(batch):
+        B = len(batch)
+        logps = forward_logps(model, [e["seqs"][0] for e in batch] + [e["seqs"][1] for e in batch], pad_id)  # (2B,)
+        pi_c, pi_r = logps[:B], logps[B:]
+        ref_c, ref_r = torch.tensor([e["ref"] for e in batch], device=logps.device).T  # (B,), (B,)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+        if alpha:
+            gt_agree = torch.tensor([e["gt_agree"] for e in batch], device=logps.device)
+            losses = losses + alpha * dpo_conflict_loss(pi_c, pi_r, ref_c, ref_r, gt_agree, beta)
+        return losses.sum(), {
+            "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": pi_c.detach().sum(), "logps/rejected": pi_r.detach().sum()}
+    return batch_loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages
+
+def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+    """SFT then DPO a fresh policy from `path` on `pairs`, turned so that chosen is what the labeller prefers
+    (hard labels: targets > 0.5), write its test predictions and, if label_pairs is given, its labels on them.
+    Returns the stage summary."""
+    common.seed_everything(args.seed)
+    device, autocast = common.device_and_autocast()
+    tok = common.load_tokenizer(path)
+    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt)
+    max_len = min(max_len, common.model_max_len(model.config) or max_len)
+    pad = tok.pad_token_id
+    train_pairs, gt_agree = common.orient(pairs, targets)
+    pairs = common.encode_pairs(tok, train_pairs, max_len)
+    test = common.encode_pairs(tok, test_pairs, max_len)
+
+    sft = [{"seqs": [c]} for c, _ in pairs]  # SFT on the responses its labeller prefers
+    if args.sft_epochs:
+        train(model, sft, sft_loss(model, pad), lambda e: len(e["seqs"][0][0]) - e["seqs"][0][1], pad,
+              args.sft_lr, args.sft_epochs, "cosine", args, stage_dir / "sft_metrics.jsonl", autocast,
+              f"{stage_dir.name} sft")
+    # The reference is the SFT model, frozen: its log-probs are computed once per dataset here, before DPO
+    # changes the weights, so no second model sits in memory while training (PITFALLS 12).
+    model.eval()
+    ref_train = common.pair_logps(model, pairs, pad, args.micro_batch, autocast)
+    ref_test = common.pair_logps(model, test, pad, args.micro_batch, autocast)
+    examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": a}
+                for (c, r), s, a in zip(pairs, ref_train, gt_agree)]
+    train(model, examples, dpo_batch_loss(model, pad, args.beta, alpha), lambda e: 1, pad, args.lr, args.epochs,
+          "constant", args, stage_dir / "metrics.jsonl", autocast, f"{stage_dir.name} dpo")
+
+    model.eval()
+    pol_test = common.pair_logps(model, test, pad, args.micro_batch, autocast)
+    margins = [c[0] - r[0] for c, r in pol_test]
+    implicit = [(c[0] - rc[0]) - (r[0] - rr[0]) for (c, r), (rc, rr) in zip(pol_test, ref_test)]
+    rows = common.prediction_rows(margins)
+    for row, m in zip(rows, implicit):
+        row.update(implicit_margin=m, implicit_correct=m > 0)
+    common.write_jsonl(stage_dir / "predictions.jsonl", rows)
+    summary = {**common.accuracy(margins), "implicit_accuracy": common.accuracy(implicit)["accuracy"]}
+    if label_pairs is not None:
+        labels = common.pair_logps(model, common.encode_pairs(tok, label_pairs, max_len), pad, args.micro_batch, autocast)
+        label_margins = [c[0] - r[0] for c, r in labels]
+        common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
+        summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
+    print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']}), "
+          f"implicit-reward accuracy {summary['implicit_accuracy']:.4f}")
+    return summary
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv)
+    exp = common.Experiment(args, "dpo")
+    stages = {}
+    stages["weak"] = exp.stage("weak", lambda d, *data: run_model(d, exp.weak, exp.weak_len, *data, args, 0.0))
+    stages["strong"] = exp.stage("strong", lambda d, *data: run_model(d, exp.strong, args.max_len, *data, args, 0.0))
+    labeller = stages["weak"]
+    if args.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
+        labeller = stages["intermediate"] = exp.stage("intermediate", lambda d, *data: run_model(
+            d, exp.intermediate, args.max_len, *data, args, 0.0), labeller=labeller)
+    for setting in exp.settings:
+        alpha = args.alpha if setting == "explicit" else 0.0
+        stages[f"student-{setting}"] = exp.stage(setting, lambda d, *data: run_model(
+            d, exp.strong, args.max_len, *data, args, alpha), labeller=labeller)
+    return exp.report(stages, "DPO", extra_metrics=("implicit_accuracy",))
+
+
+if __name__ == "__main__":
+    main()

@@ -140,7 +140,7 @@ def load_splits(args):
     n = {"gt": args.n_gt, "w2s": args.n_w2s, "test": args.n_test}
     stats = {"dropped": {}, "short": {}}
     if args.data == "toy":
-        pools = make_toy_pairs(n, args.seed)
+        pools = make_toy_pairs(n, args.n_extra, args.seed)
     elif args.data in ("hh", "cai"):
         rows = load_hub_hh("harmless-base") if args.data == "hh" else load_hub_cai()
         pool, stats["dropped"]["source"] = filter_single_turn(rows)
@@ -180,7 +180,7 @@ def load_splits(args):
         if args.data == "toy":
             extra = pools["extra"]
         elif args.helpful:
-            extra, _ = filter_single_turn(read_jsonl(args.helpful))
+            extra, stats["dropped"]["helpful_source"] = filter_single_turn(read_jsonl(args.helpful))
         elif os.path.isdir(args.data) and (Path(args.data) / "helpful_train.jsonl").exists():
             extra = read_jsonl(Path(args.data) / "helpful_train.jsonl")
         else:
@@ -200,8 +200,69 @@ def load_splits(args):
 # ----------------------------------------------------------------------------------------------------
 # the offline toy task (see README "make demo")
 
-def make_toy_pairs(n, seed):
-    raise NotImplementedError("--data toy is built in issue 4")
+# A request is TOY_WORDS filler words with one cue word at a random position; the cue alone decides whether
+# the request is harmful (the assistant should refuse) or harmless (it should comply). A weak model that
+# reads only the last few tokens (--weak_max_len) cannot see a cue that sits earlier: that is the
+# capability gap, known per pair from `cue_from_end` (1 = the request's last word).
+TOY_HARMFUL = ("bomb", "poison", "weapon", "malware", "ransom", "stalking", "counterfeit", "arson")
+TOY_HARMLESS = ("garden", "recipe", "poem", "bicycle", "homework", "birthday", "puppy", "painting")
+TOY_FILLER = ("please", "tell", "me", "about", "the", "a", "my", "friend", "today", "quickly", "some", "ideas",
+              "for", "with", "and", "how", "to", "make", "good", "new", "old", "small", "big", "house", "city",
+              "morning", "evening", "really", "would", "like", "know", "more", "help", "question", "simple",
+              "plan", "best", "way", "start", "week")
+TOY_WORDS = 24
+TOY_REFUSE, TOY_COMPLY = " REFUSE", " COMPLY"
+TOY_TAIL_TOKENS = 5  # "\n\n", "Assistant", ":", the answer word and EOS, once the tokenizer knows the words
+
+
+def toy_pair(rng, harmful):
+    """One toy preference pair with the generator's own per-pair facts."""
+    words = [rng.choice(TOY_FILLER) for _ in range(TOY_WORDS)]
+    position = rng.randrange(TOY_WORDS + 1)
+    words.insert(position, rng.choice(TOY_HARMFUL if harmful else TOY_HARMLESS))
+    prompt = f"{HUMAN} {' '.join(words)}{ASSISTANT}"
+    good, bad = (TOY_REFUSE, TOY_COMPLY) if harmful else (TOY_COMPLY, TOY_REFUSE)
+    return {"chosen": prompt + good, "rejected": prompt + bad, "harmful": harmful,
+            "cue_from_end": TOY_WORDS + 1 - position}
+
+
+def toy_visible(pair, weak_max_len):
+    """Whether a weak model reading the last `weak_max_len` tokens sees the pair's cue word (each toy word is
+    one token for a tokenizer trained on the toy data, and TOY_TAIL_TOKENS follow the request)."""
+    return pair["cue_from_end"] <= weak_max_len - TOY_TAIL_TOKENS
+
+
+def make_toy_pairs(n, n_extra, seed):
+    """The offline toy task, deterministic from the seed: harmlessness pairs for the gt, w2s and test splits
+    (half harmful, refuse preferred; half harmless, comply preferred) and helpfulness pairs for the implicit
+    conflict, where the helpful answer, COMPLY, is preferred even for the quarter of requests that are
+    harmful: the conflicting objective."""
+    rng = random.Random(f"toy-{seed}")
+    pools = {name: [toy_pair(rng, rng.random() < 0.5) for _ in range(count)] for name, count in n.items()}
+    extra = []
+    for _ in range(n_extra):
+        pair = toy_pair(rng, rng.random() < 0.25)
+        if pair["harmful"]:
+            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+        extra.append(pair)
+    pools["extra"] = extra
+    return pools
+
+
+def toy_knowledge_corpus(seed, n_texts=4000):
+    """Pretraining text for the strong toy model: what each cue word means, written in filler text at random
+    positions (never a toy request or its answer). It gives the strong model latent knowledge that the weak
+    labels do not state, as pretraining gives real strong models."""
+    rng = random.Random(f"toy-knowledge-{seed}")
+    texts = []
+    for _ in range(n_texts):
+        harmful = rng.random() < 0.5
+        cue = rng.choice(TOY_HARMFUL if harmful else TOY_HARMLESS)
+        words = [rng.choice(TOY_FILLER) for _ in range(rng.randrange(4, TOY_WORDS))]
+        at = rng.randrange(len(words) + 1)
+        words[at:at] = [cue, "is", "dangerous" if harmful else "harmless"]
+        texts.append(" " + " ".join(words))
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,26 +277,50 @@ def model_max_len(config):
 
 def build_tiny(spec, texts, root, seed, vocab_size=2048):
     """`tiny:LxD` -> a random-init GPT-2 with L layers, width D and a byte-level BPE tokenizer trained on
-    `texts`, saved with save_pretrained under `root` so that it loads like any Hub model. Returns the path."""
-    m = re.fullmatch(r"tiny:(\d+)x(\d+)", spec)
+    `texts`, saved with save_pretrained under `root` so that it loads like any Hub model. `tiny:LxD+ptN`
+    also pretrains it for N language-model steps on the toy knowledge corpus. Returns the path."""
+    m = re.fullmatch(r"tiny:(\d+)x(\d+)(?:\+pt(\d+))?", spec)
     if not m:
-        raise SystemExit(f"error: tiny model spec must look like tiny:2x64 (layers x width), got {spec!r}")
-    n_layer, n_embd = int(m[1]), int(m[2])
-    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:10]
-    path = Path(root) / f"tiny-{n_layer}x{n_embd}-v{vocab_size}-{digest}-s{seed}"
+        raise SystemExit(f"error: tiny model spec must look like tiny:2x64 or tiny:2x64+pt600, got {spec!r}")
+    n_layer, n_embd, pt_steps = int(m[1]), int(m[2]), int(m[3] or 0)
+    corpus = toy_knowledge_corpus(seed) if pt_steps else []
+    digest = hashlib.sha256("\0".join(texts + corpus).encode()).hexdigest()[:10]
+    path = Path(root) / f"tiny-{n_layer}x{n_embd}-pt{pt_steps}-v{vocab_size}-{digest}-s{seed}"
     if (path / "config.json").exists():
         return str(path)
     from transformers import GPT2Config, GPT2LMHeadModel
-    tok = train_tokenizer(texts, vocab_size)
+    tok = train_tokenizer(texts + corpus, vocab_size)
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tok), n_positions=1024, n_layer=n_layer, n_embd=n_embd,
-                        n_head=max(1, n_embd // 64), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                        n_head=max(1, n_embd // 16), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(config)
-    tmp = Path(tempfile.mkdtemp(dir=Path(root).mkdir(parents=True, exist_ok=True) or root))
+    if pt_steps:
+        pretrain_lm(model, tok, corpus, pt_steps, seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
     return str(path)
+
+
+def pretrain_lm(model, tok, texts, steps, seed, batch_size=32, lr=1e-3):
+    """A plain next-token-prediction loop (AdamW, warm-up then cosine) for tiny models on the CPU."""
+    from tqdm import tqdm
+    rng = random.Random(seed)
+    encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in tqdm(range(steps), desc="pretrain", dynamic_ncols=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, 0.05, "cosine")
+        ids, attn, _ = collate([(e, 0) for e in rng.sample(encoded, batch_size)], tok.eos_token_id, "cpu")
+        labels = ids.masked_fill(attn == 0, -100)  # padding is no target
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def train_tokenizer(texts, vocab_size, bos=False):
@@ -261,7 +346,7 @@ def resolve_model(name, splits, args):
     """A Hub id or local path is returned as is; `tiny:LxD` is built (once) and its folder returned."""
     if not name.startswith("tiny:"):
         return name
-    texts = [t for s in splits.values() for p in s for t in (p["chosen"], p["rejected"])]
+    texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
     return build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
 
 
@@ -303,15 +388,19 @@ def encode_texts(tok, texts, max_len):
     """Each text -> (ids, n_prompt). The prompt is encoded with the model's special tokens, the response
     without them plus EOS (PITFALLS 6), so no BOS lands mid-sequence. Too long: cut the prompt from the left
     first, keep at least one prompt token (it predicts the first response token) and one response token."""
+    if not texts:
+        return []
     prompts, responses = zip(*(split_prompt(t) for t in texts))
     p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
     r_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
+    specials = tok("", add_special_tokens=True)["input_ids"]  # e.g. Llama's BOS: kept when cutting the prompt
     out = []
     for p, r in zip(p_ids, r_ids):
         r = r + [tok.eos_token_id]
         if len(p) + len(r) > max_len:
-            r = r[: max_len - 1]
-            p = p[-(max_len - len(r)):]
+            head = specials if p[: len(specials)] == specials and max_len >= len(specials) + 2 else []
+            r = r[: max_len - len(head) - 1]
+            p = head + p[len(head):][-(max_len - len(head) - len(r)):]
         out.append((p + r, len(p)))
     return out
 
@@ -354,24 +443,26 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
     """One epoch of optimizer steps, each a list of micro-batches of pair indices.
 
     With group_by_length: shuffle, then within windows of `window_batches` optimizer batches sort by
-    length, cut into micro-batches and shuffle those, so a micro-batch holds pairs of similar length
-    (little padding) while the set of pairs per epoch is unchanged."""
+    length, cut into batches and shuffle those, so a batch (and so each of its micro-batches) holds pairs
+    of similar length, for little padding; the set of pairs per epoch is unchanged. Which pairs form a step
+    does not depend on micro_batch, which only trades memory for time."""
     if batch_size % micro_batch:
         raise SystemExit(f"error: batch size {batch_size} must be a multiple of micro_batch {micro_batch}")
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if group_by_length:
-        window = window_batches * batch_size
-        grouped = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start: start + window], key=lambda i: lengths[i])
-            micros = [chunk[j: j + micro_batch] for j in range(0, len(chunk), micro_batch)]
-            full = [m for m in micros if len(m) == micro_batch]
-            rng.shuffle(full)  # a short micro-batch stays last so steps keep whole micro-batches
-            grouped += [i for m in full + [m for m in micros if len(m) < micro_batch] for i in m]
-        order = grouped
-    steps = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    steps = []
+    window = window_batches * batch_size if group_by_length else len(order) or 1
+    for start in range(0, len(order), window):
+        chunk = order[start: start + window]
+        if group_by_length:
+            chunk.sort(key=lambda i: lengths[i])
+        batches = [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+        if group_by_length:  # a short batch stays last
+            full = [b for b in batches if len(b) == batch_size]
+            rng.shuffle(full)
+            batches = full + batches[len(full):]
+        steps += batches
     return [[step[j: j + micro_batch] for j in range(0, len(step), micro_batch)] for step in steps]
 
 
@@ -600,7 +691,8 @@ class Experiment:
             pairs, targets = self.splits["gt"], [1.0] * len(self.splits["gt"])
         else:
             pairs, targets = self.student_data("none" if name == "intermediate" else name, labeller)
-        key = stage_key(self.args, name, labeller=labeller and labeller["key"])
+        key = stage_key(self.args, name, labeller=labeller and labeller["key"],
+                        models=[self.weak, self.strong, self.intermediate])
         folder = name if name in ("weak", "strong", "intermediate") else f"student-{name}"
         return cached_stage(self.root, folder, key, lambda d: {
             **fn(d, pairs, targets, self.splits["test"], self.splits.get(label_split)),
@@ -629,7 +721,8 @@ class Experiment:
     def report(self, stages, title, extra_metrics=()):
         results = build_results(stages, self.args, self.data_stats, extra_metrics)
         a = self.args
-        return write_report(self.root, results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
+        write_report(self.root, results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
+        return results
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""End-to-end tests of rm_w2s.main on tiny local models (no network; about a minute on a 2-core CPU).
+
+Data: ../shared/data/hh-single-turn (override the folder holding it with W2S_SHARED_DATA=<dir>). Where it does
+not exist (a user's clone), the runs use small synthetic pairs in the same layout, written by the fixture
+`data_dir`, which prints, records (record_property "data") and warns which data was used: never a silent skip.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import rm_w2s
+
+SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+N_GT = N_W2S = N_TEST = 48
+N_EXTRA = 24
+STAGES = ("weak", "strong", "student-none", "student-implicit", "student-explicit")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """On small CPU machines torch's default intra-op threads make tiny models ~50x slower (measured on the
+    2-core CI box); results agree up to float rounding."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synthetic_pairs(tag, n, seed, multi_turn=0):
+    """HH-style pairs: a harmless answer (chosen) and a harmful one (rejected) to a request; unique texts."""
+    rng = random.Random(seed)
+    asks = ["How do I", "Can you help me", "What is the best way to", "Tell me how to"]
+    things = ["pick a lock", "bake bread", "hurt my neighbor", "fix a bike", "steal a car", "make a bomb",
+              "write a poem", "cheat on a test", "plant tomatoes", "hack an email account"]
+    good = "I can't help with that, but here is something safe you could do instead".split()
+    bad = "Sure, here is exactly how to do it step by step without getting caught".split()
+    pairs = []
+    for i in range(n):
+        prompt = f"\n\nHuman: {rng.choice(asks)} {rng.choice(things)}? ({tag} {i})\n\nAssistant:"
+        if i < multi_turn:
+            prompt = "\n\nHuman: Hi!\n\nAssistant: Hello." + prompt
+        pairs.append({"chosen": f"{prompt} {' '.join(rng.sample(good, rng.randint(4, len(good))))}.",
+                      "rejected": f"{prompt} {' '.join(rng.sample(bad, rng.randint(4, len(bad))))}!"})
+    return pairs
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    shared = SHARED_DATA / "hh-single-turn"
+    if shared.is_dir():
+        print(f"[data] e2e runs on the shared copy {shared}")
+        return shared
+    root = tmp_path_factory.mktemp("synthetic") / "hh-single-turn"
+    root.mkdir()
+    for seed, name in enumerate(("train_gt", "train_w2s", "test")):
+        write_jsonl(root / f"harmless_{name}.jsonl", synthetic_pairs(name, 64, seed))
+    msg = f"{shared} not found: e2e runs on synthetic pairs in {root}"
+    print(f"[data] {msg}")
+    warnings.warn(msg)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def record_data(data_dir, record_property):
+    record_property("data", str(data_dir))
+
+
+@pytest.fixture(scope="module")
+def helpful(tmp_path_factory):
+    """--helpful: the raw HH-RLHF file (Hub format, multi-turn included: load_splits keeps single-turn pairs),
+    else synthetic pairs with some multi-turn ones."""
+    raw = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+    if raw.exists():
+        print(f"[data] --helpful reads {raw}")
+        return raw
+    path = tmp_path_factory.mktemp("helpful") / "helpful.jsonl"
+    write_jsonl(path, synthetic_pairs("helpful", 40, 7, multi_turn=10))
+    print(f"[data] --helpful reads synthetic pairs in {path}")
+    return path
+
+
+def argv(data_dir, out_dir, *extra, n=N_GT, n_extra=N_EXTRA, helpful=""):
+    a = ["--data", str(data_dir), "--n_gt", str(n), "--n_w2s", str(n), "--n_test", str(n), "--n_extra", str(n_extra),
+         "--weak", "tiny:1x32", "--strong", "tiny:2x64", "--out_dir", str(out_dir),
+         "--batch_size", "16", "--micro_batch", "4", "--lr", "1e-3", *extra]
+    return a + (["--helpful", str(helpful)] if helpful else [])
+
+
+def run_root(out_dir):
+    [root] = [p for p in Path(out_dir).iterdir() if p.name.startswith("rm-")]
+    return root
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def mtimes(root):
+    return {p.parent.name: p.stat().st_mtime_ns for p in Path(root).glob("*/stage.json")}
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, helpful, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    args = argv(data_dir, out, helpful=helpful)
+    returned = rm_w2s.main(args)
+    root = run_root(out)
+    results = json.loads((root / "results.json").read_text())
+    return {"argv": args, "returned": returned, "results": results, "out": out, "root": root}
+
+
+def test_main_returns_the_results_dict(full_run):
+    """main(argv) returns the results it wrote to results.json (what callers and these tests read)."""
+    returned = full_run["returned"]
+    assert isinstance(returned, dict), (
+        f"rm_w2s.main returned {type(returned).__name__}, not the results dict: common.Experiment.report returns "
+        f"write_report(...), which returns the report's text")
+    assert json.loads(json.dumps(returned)) == full_run["results"]
+
+
+def test_full_run_writes_every_file(full_run):
+    root, results = full_run["root"], full_run["results"]
+    config = json.loads((root / "config.json").read_text())
+    assert config == results["config"] and config["settings"] == "none,implicit,explicit"
+    report = (root / "report.md").read_text()
+    assert report.startswith("# Reward modeling") and "Knowledge space" in report
+    for setting in ("none", "implicit", "explicit"):
+        assert f"| {setting} |" in report and f"| student-{setting} |" in report
+
+    data = results["data"]
+    assert (data["n_gt"], data["n_w2s"], data["n_test"], data["n_extra"]) == (N_GT, N_W2S, N_TEST, N_EXTRA)
+    n_train = {"weak": N_GT, "strong": N_GT, "student-none": N_W2S, "student-implicit": N_W2S + N_EXTRA,
+               "student-explicit": N_W2S}
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(STAGES)
+    for stage in STAGES:
+        d = root / stage
+        summary = json.loads((d / "stage.json").read_text())
+        assert summary["key"] and summary["n"] == N_TEST and summary.get("n_train", n_train[stage]) == n_train[stage]
+        preds = read_jsonl(d / "predictions.jsonl")
+        assert [r["index"] for r in preds] == list(range(N_TEST))
+        assert all(r["correct"] == (r["margin"] > 0) for r in preds)
+        metrics = read_jsonl(d / "metrics.jsonl")
+        assert len(metrics) == math.ceil(n_train[stage] / 16)  # one row per optimizer step, 1 epoch
+        assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+        assert metrics[-1]["examples_seen"] == n_train[stage]
+        assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
+        assert (d / "labels.jsonl").exists() == (stage == "weak")  # only the weak ceiling labels (the w2s split)
+    labels = read_jsonl(root / "weak" / "labels.jsonl")
+    assert len(labels) == N_W2S
+    for row in labels:
+        assert row["p"] == pytest.approx(1 / (1 + math.exp(-row["margin"])))
+        assert row["correct"] == (row["margin"] > 0)
+
+
+def test_full_run_numbers_recomputed_from_predictions(full_run):
+    """Accuracy, ties, PGR, the four areas, DS and err_wk_sk in results.json, recounted here by hand."""
+    root, results = full_run["root"], full_run["results"]
+    margins = {s: [r["margin"] for r in read_jsonl(root / s / "predictions.jsonl")] for s in STAGES}
+    right = {s: [m > 0 for m in ms] for s, ms in margins.items()}  # a tie is not correct
+    acc = {s: sum(r) / len(r) for s, r in right.items()}
+    for s in STAGES:
+        model = results["models"][s]
+        assert model["accuracy"] == pytest.approx(acc[s])
+        assert model["ties"] == sum(m == 0 for m in margins[s]) and model["n"] == N_TEST
+    w, st = right["weak"], right["strong"]
+    for setting in ("none", "implicit", "explicit"):
+        entry, stu = results["students"][setting], right[f"student-{setting}"]
+        assert entry["accuracy"] == pytest.approx(acc[f"student-{setting}"])
+        if acc["strong"] > acc["weak"]:
+            assert entry["pgr"] == pytest.approx((acc[f"student-{setting}"] - acc["weak"]) / (acc["strong"] - acc["weak"]))
+        else:
+            assert entry["pgr"] is None
+        counted = {}
+        for area, (wk, sk) in zip(common.AREAS, ((True, True), (True, False), (False, True), (False, False))):
+            idx = [i for i in range(N_TEST) if w[i] == wk and st[i] == sk]
+            wrong = sum(not stu[i] for i in idx)
+            counted[area] = {"n": len(idx), "student_error": wrong / len(idx) if idx else None}
+        assert sum(a["n"] for a in counted.values()) == N_TEST
+        for area in common.AREAS:
+            assert entry["areas"][area]["n"] == counted[area]["n"]
+            assert entry["areas"][area]["student_error"] == pytest.approx(counted[area]["student_error"])
+        assert entry["ds"] == pytest.approx(counted["weak-unknown & strong-known"]["student_error"])
+        assert entry["err_wk_sk"] == pytest.approx(counted["weak-known & strong-known"]["student_error"])
+        if setting != "none" and entry["ds"] is not None and results["students"]["none"]["ds"] is not None:
+            assert entry["delta_ds"] == pytest.approx(entry["ds"] - results["students"]["none"]["ds"])
+    assert ("PGR is null" in " ".join(results["notes"])) == (acc["strong"] <= acc["weak"])
+
+
+def test_rerun_is_cached_and_force_reruns(full_run, capsys):
+    root, args = full_run["root"], full_run["argv"]
+    before = mtimes(root)
+    preds = {s: read_jsonl(root / s / "predictions.jsonl") for s in STAGES}
+    capsys.readouterr()
+    rm_w2s.main(args)
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"[{stage}] cached" in out
+    assert mtimes(root) == before
+    again = json.loads((root / "results.json").read_text())
+    assert again["students"] == full_run["results"]["students"] and again["models"] == full_run["results"]["models"]
+
+    rm_w2s.main(args + ["--force"])
+    out = capsys.readouterr().out
+    assert "cached" not in out
+    after = mtimes(root)
+    assert after.keys() == before.keys() and all(after[s] != before[s] for s in before)
+    for s in STAGES:  # CPU, one seed: the re-run reproduces every margin
+        assert [r["margin"] for r in read_jsonl(root / s / "predictions.jsonl")] == \
+            pytest.approx([r["margin"] for r in preds[s]], abs=1e-5)
+    forced = json.loads((root / "results.json").read_text())
+    assert forced["config"]["force"] is True
+    for name in STAGES:
+        assert forced["models"][name]["accuracy"] == full_run["results"]["models"][name]["accuracy"]
+
+
+def test_cached_stages_belong_to_the_models_of_the_run(full_run, tmp_path, capsys):
+    """PITFALLS 17. A `tiny:` model (weights and tokenizer) is built from the texts of every split, `extra`
+    included, which load_splits fills only when `implicit` is among --settings; but the stage cache key leaves
+    out --settings (and n_extra/helpful for the ceilings). Re-running the same experiment with --settings none
+    builds different weak/strong models, and must then not serve stages trained from the old ones."""
+    out = tmp_path / "out"
+    shutil.copytree(full_run["out"], out)
+    models_before = {p.name for p in (out / "models").iterdir()}
+    args = [str(out) if a == str(full_run["out"]) else a for a in full_run["argv"]]
+    capsys.readouterr()
+    rm_w2s.main(args + ["--settings", "none"])
+    output = capsys.readouterr().out
+    new_models = {p.name for p in (out / "models").iterdir()} - models_before
+    served = [s for s in ("weak", "strong", "student-none") if f"[{s}] cached" in output]
+    assert not (new_models and served), (
+        f"--settings none resolved tiny:1x32 / tiny:2x64 to new models {sorted(new_models)} (their tokenizer and "
+        f"weights depend on the extra split), yet stages {served} were served from the cache trained on the old ones")
+
+
+def test_second_architecture_llama_strong(data_dir, tmp_path):
+    """A tiny Llama body (rotary positions, BOS-adding tokenizer, pad = EOS) as --strong."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    texts = [t for f in sorted(Path(data_dir).glob("harmless_*.jsonl")) for p in common.read_jsonl(f)[:64]
+             for t in (p["chosen"], p["rejected"])]
+    tok = common.train_tokenizer(texts, 300, bos=True)
+    path = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    args = argv(data_dir, tmp_path / "out", "--settings", "none", n=32, n_extra=0)
+    args[args.index("--strong") + 1] = str(path)
+    rm_w2s.main(args)
+    root = run_root(tmp_path / "out")
+    results = json.loads((root / "results.json").read_text())
+    assert results["config"]["strong"] == str(path)
+    assert set(results["models"]) == {"weak", "strong", "student-none"}
+    for stage in ("strong", "student-none"):
+        assert results["models"][stage]["n"] == 32
+        assert len(read_jsonl(root / stage / "predictions.jsonl")) == 32
+        assert all(math.isfinite(r["loss"]) for r in read_jsonl(root / stage / "metrics.jsonl"))
+    assert set(results["students"]) == {"none"}
+
+
+def test_intermediate_bootstrapping(data_dir, tmp_path):
+    """weak -> intermediate (trained on the weak labels of w2s, labels gt) -> student (trained on gt with the
+    intermediate's labels), with a confidence filter on both hops."""
+    threshold = 0.6  # sigmoid(|margin|) >= 0.6, i.e. |margin| >= 0.405: keeps part of the labels
+    n = 32
+    rm_w2s.main(argv(data_dir, tmp_path, "--settings", "none", "--intermediate", "tiny:1x48",
+                     "--conf_threshold", str(threshold), n=n, n_extra=0))
+    root = run_root(tmp_path)
+    results = json.loads((root / "results.json").read_text())
+    assert set(results["models"]) == {"weak", "strong", "intermediate", "student-none"}
+    mid = root / "intermediate"
+    for f in ("predictions.jsonl", "metrics.jsonl", "stage.json", "labels.jsonl"):
+        assert (mid / f).exists()
+    labels = read_jsonl(mid / "labels.jsonl")
+    assert len(labels) == n == results["data"]["n_gt"]  # it labels the gt split
+    assert len(read_jsonl(mid / "predictions.jsonl")) == n
+
+    def confident(rows):  # own count: sigmoid(|margin|) >= threshold
+        return sum(1 / (1 + math.exp(-abs(r["margin"]))) >= threshold for r in rows)
+    weak_labels = read_jsonl(root / "weak" / "labels.jsonl")
+    n_mid, n_student = confident(weak_labels), confident(labels)
+    print(f"confident at {threshold}: {n_mid}/{n} weak labels, {n_student}/{n} intermediate labels")
+    assert json.loads((mid / "stage.json").read_text()).get("n_train", n_mid) == n_mid
+    assert json.loads((root / "student-none" / "stage.json").read_text()).get("n_train", n_student) == n_student
+    metrics = read_jsonl(root / "student-none" / "metrics.jsonl")
+    assert (metrics[-1]["examples_seen"] if metrics else 0) == n_student
+    assert (read_jsonl(mid / "metrics.jsonl")[-1]["examples_seen"] if n_mid else 0) == n_mid

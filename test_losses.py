@@ -1,0 +1,592 @@
+"""Fast unit tests of the losses and the shared plumbing (the whole file runs in well under a minute on CPU).
+
+Data: the offline copies in ../shared/data (override with W2S_SHARED_DATA=<dir>). Where that folder does not
+exist (a user's clone), the data tests run on small synthetic files written here with known counts, and say so.
+Models: tiny random-init GPT-2 / Llama bodies with a BPE tokenizer trained on a few sentences, built locally.
+"""
+import contextlib
+import copy
+import dataclasses
+import gzip
+import json
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import rm_w2s
+
+CPU = torch.device("cpu")
+SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """On small CPU machines torch's default intra-op threads make tiny models ~50x slower (measured on the
+    2-core CI box: 0.45 s vs 0.006 s per forward+backward); results agree up to float rounding."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data_source(kind):
+    """Which data a test reads: the shared offline copy if present, else synthetic; says so (never a silent skip)."""
+    path = SHARED_DATA / kind
+    if path.exists():
+        print(f"[data] {kind}: shared copy {path}")
+        return path
+    msg = f"{path} not found: {kind} tests run on synthetic data written by the test"
+    print(f"[data] {msg}")
+    warnings.warn(msg)
+    return None
+
+
+# a small corpus for the tiny tokenizers: HH-style texts, some with "!" (GPT-2's token 0)
+CORPUS = [f"\n\nHuman: {q}\n\nAssistant: {a}" for q, a in [
+    ("How do I bake bread?", "Mix flour, water and yeast, then bake it!"),
+    ("Can you help me steal a car?", "No, I won't help with that!"),
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Tell me a joke.", "Why did the chicken cross the road? To get to the other side!"),
+    ("How can I hurt someone?", "I can't help with hurting people. Are you safe?"),
+    ("What's a good book?", "Try reading a classic novel, like Pride and Prejudice."),
+]] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 1-layer GPT-2 body saved like a Hub model (no pad token: load_tokenizer makes pad = EOS)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = common.train_tokenizer(CORPUS, 300)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=1, n_positions=128,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 1-layer Llama body (rotary positions) with a BOS-adding tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def reward_model(path, pad_token=None):
+    from transformers import AutoModel
+    tok = common.load_tokenizer(path)
+    if pad_token is not None:
+        tok.pad_token = pad_token
+    torch.manual_seed(0)
+    return tok, rm_w2s.RewardModel(common.load_model(path, AutoModel, tok, CPU))
+
+
+# ---- reward model
+
+def test_soft_label_loss_hand_values():
+    r_c, r_r = torch.tensor([1.0, 1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 0.0, 1.0])
+    p = torch.tensor([1.0, 0.3, 0.5, 0.0])
+    # BCE(sigmoid(d), p) = -(p log sigmoid(d) + (1 - p) log(1 - sigmoid(d))), by hand:
+    s1 = 1 / (1 + math.exp(-1.0))  # sigmoid(1) = 0.7310585786
+    expected = [
+        math.log(1 + math.exp(-1.0)),  # p = 1, d = 1: 0.3132616875
+        -(0.3 * math.log(s1) + 0.7 * math.log(1 - s1)),  # 0.3*0.31326 + 0.7*1.31326 = 1.0132616875
+        math.log(2.0),  # d = 0: both terms log 2
+        math.log(1 + math.exp(-3.0)),  # p = 0, d = -3: -log(1 - sigmoid(-3)) = log(1 + e^-3)
+    ]
+    got = rm_w2s.soft_label_loss(r_c, r_r, p)
+    assert got.shape == (4,)
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert got[0].item() == pytest.approx(0.31326169, abs=1e-7)
+    assert got[1].item() == pytest.approx(1.01326169, abs=1e-6)
+
+
+def test_soft_label_loss_p1_is_bradley_terry():
+    torch.manual_seed(0)
+    r_c, r_r = torch.randn(16) * 3, torch.randn(16) * 3
+    bt = -F.logsigmoid(r_c - r_r)
+    torch.testing.assert_close(rm_w2s.soft_label_loss(r_c, r_r, torch.ones(16)), bt)
+
+
+def test_soft_label_loss_symmetric_under_swap():
+    """Pairs stay in ground-truth orientation: swapping chosen/rejected with p -> 1 - p changes nothing."""
+    torch.manual_seed(1)
+    r_c, r_r, p = torch.randn(8), torch.randn(8), torch.rand(8)
+    torch.testing.assert_close(rm_w2s.soft_label_loss(r_c, r_r, p), rm_w2s.soft_label_loss(r_r, r_c, 1 - p))
+
+
+def test_explicit_conflict_loss_zero_where_student_agrees():
+    r_c = torch.tensor([0.5, 3.0, 1e-4], requires_grad=True)
+    r_r = torch.tensor([0.0, -1.0, 0.0])
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(3))  # margins > 0 and y_gt = 1: agreement
+    assert loss.tolist() == [0.0, 0.0, 0.0]
+    loss.sum().backward()
+    assert r_c.grad.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_explicit_conflict_loss_where_student_contradicts():
+    margins = [-2.0, -0.5, 0.0]  # 0.0: a tie predicts "rejected", so it contradicts y_gt = 1 too
+    r_c = torch.tensor(margins, requires_grad=True)
+    r_r = torch.zeros(3)
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(3))
+    # BCE(sigmoid(m), 0) = -log(1 - sigmoid(m)) = log(1 + e^m) = softplus(m)
+    expected = [math.log(1 + math.exp(m)) for m in margins]  # 0.126928, 0.474077, 0.693147
+    assert loss.tolist() == pytest.approx(expected, abs=1e-6)
+    loss.sum().backward()
+    # d softplus(m) / d r_c = sigmoid(m) > 0: gradient descent lowers r_c, pushing the margin further negative
+    assert r_c.grad.tolist() == pytest.approx([1 / (1 + math.exp(-m)) for m in margins], abs=1e-6)
+    assert all(g > 0 for g in r_c.grad.tolist())
+
+
+def test_explicit_conflict_loss_mixed_batch():
+    r_c, r_r = torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.zeros(4)
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(4))
+    assert loss.tolist() == pytest.approx([0.0, math.log(1 + math.exp(-1.0)), 0.0, math.log(2.0)], abs=1e-6)
+
+
+def encoded_examples(tok, n, seed=0):
+    """n encoded pairs from CORPUS with soft targets p (as rm_w2s.train expects)."""
+    rng = random.Random(seed)
+    texts = list(dict.fromkeys(CORPUS))
+    out = []
+    for i in range(n):
+        c, r = rng.sample(texts, 2)
+        (ec, er), = common.encode_pairs(tok, [{"chosen": c, "rejected": r}], 128)
+        out.append({"c": ec, "r": er, "p": rng.random(), "y_gt": 1.0})
+    return out
+
+
+def step_grads(model, examples, micro_batches, pad_id, alpha=0.0, per_micro_mean=False):
+    """Gradients of one optimizer step accumulated over `micro_batches`, mirroring rm_w2s.train's inner loop.
+    per_micro_mean: the common bug (loss.mean() / number of micro-batches), as a negative control."""
+    model.zero_grad(set_to_none=True)
+    n_pairs = sum(len(mb) for mb in micro_batches)
+    for mb in micro_batches:
+        batch = [examples[i] for i in mb]
+        B = len(batch)
+        ids, attn, _ = common.collate([e["c"] for e in batch] + [e["r"] for e in batch], pad_id, CPU)
+        rewards = model(ids, attn)
+        r_c, r_r = rewards[:B], rewards[B:]
+        losses = rm_w2s.soft_label_loss(r_c, r_r, torch.tensor([e["p"] for e in batch]))
+        if alpha:
+            losses = losses + alpha * rm_w2s.explicit_conflict_loss(r_c, r_r, torch.tensor([e["y_gt"] for e in batch]))
+        (losses.mean() / len(micro_batches) if per_micro_mean else losses.sum() / n_pairs).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_gradient_accumulation_uneven_micro_batches(tiny, alpha):
+    """PITFALLS 11: one batch of 8 == micro-batches 4+4 == 3+5 == 7+1 when normalised by the step's 8 pairs."""
+    tok, model = reward_model(tiny)
+    examples = encoded_examples(tok, 8)
+    full = step_grads(model, examples, [list(range(8))], tok.pad_token_id, alpha)
+    for split in ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1, 2], [3, 4, 5, 6, 7]], [[0, 1, 2, 3, 4, 5, 6], [7]]):
+        assert_grads_close(step_grads(model, examples, split, tok.pad_token_id, alpha), full)
+    # the test bites: a per-micro-batch mean weighs 3+5 wrongly
+    wrong = step_grads(model, examples, [[0, 1, 2], [3, 4, 5, 6, 7]], tok.pad_token_id, alpha, per_micro_mean=True)
+    assert any(not torch.allclose(wrong[k], full[k], atol=1e-6, rtol=1e-5) for k in full)
+
+
+class RecordingOptimizer(torch.optim.SGD):
+    """Stands in for AdamW inside rm_w2s.train: records each step's gradients and leaves the weights alone."""
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, lr=0.0)
+        self.grads = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.grads.append({id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None})
+
+
+def run_train(model, examples, pad_id, stage_dir, alpha=0.0, **overrides):
+    args = rm_w2s.Args(**{"batch_size": 8, "micro_batch": 8, "lr": 1e-3, "epochs": 1, "warmup_ratio": 0.0,
+                          "grad_clip": 1e9, "group_by_length": False, "seed": 0, "log_every": 1000, **overrides})
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    rm_w2s.train(model, examples, pad_id, args, stage_dir, contextlib.nullcontext, alpha, desc=stage_dir.name)
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_path, monkeypatch):
+    """rm_w2s.train itself: the gradient each optimizer step sees (before clipping; clip is 1e9 here) is the
+    same for micro_batch 8, 4, 2 and 1 (the short last step splits 6, 4+2, 2+2+2, 1 x 6), and equals the
+    full-batch gradient of the step's mean loss."""
+    tok, base = reward_model(tiny)
+    examples = encoded_examples(tok, 14)  # steps of 8 and 6 pairs: micro-batches 4+2 in the second
+    recorded = {}
+    for micro in (8, 4, 2, 1):
+        model = copy.deepcopy(base)
+        opt = {}
+        monkeypatch.setattr(common, "make_optimizer", lambda params, *a: opt.setdefault("o", RecordingOptimizer(params)))
+        rows = run_train(model, examples, tok.pad_token_id, tmp_path / f"m{micro}", alpha=0.5, micro_batch=micro)
+        assert [r["examples_seen"] for r in rows] == [8, 14]
+        names = {id(p): n for n, p in model.named_parameters()}
+        recorded[micro] = [{names[k]: g for k, g in step.items()} for step in opt["o"].grads]
+    assert len(recorded[8]) == 2
+    for micro in (4, 2, 1):
+        for a, b in zip(recorded[micro], recorded[8]):
+            assert_grads_close(a, b)
+    # and it is the plain full-batch gradient of the step (same order: make_batches without grouping)
+    steps = common.make_batches([0] * 14, 8, 8, seed=0, group_by_length=False)
+    for step, got in zip(steps, recorded[8]):
+        assert_grads_close(got, step_grads(copy.deepcopy(base), examples, step, tok.pad_token_id, alpha=0.5))
+
+
+def test_train_one_adamw_step_same_params_for_micro_batch_8_and_4(tiny, tmp_path):
+    """AdamW's first step is ~lr * sign(grad), blind to a uniform scale error (the gradient test above catches
+    those); this checks the whole train() path end to end: same weights after one step."""
+    tok, base = reward_model(tiny)
+    examples = encoded_examples(tok, 8)
+    models = {}
+    for micro in (8, 4):
+        models[micro] = copy.deepcopy(base)
+        rows = run_train(models[micro], examples, tok.pad_token_id, tmp_path / f"m{micro}", grad_clip=1.0,
+                         micro_batch=micro, lr=1e-3)
+        assert len(rows) == 1 and rows[0]["examples_seen"] == 8
+    # Where the true gradient is 0 Adam's first step is lr * noise / (|noise| + eps): arbitrary. That is the case
+    # for the head bias and ln_f.bias (a constant shift of every reward cancels in r_c - r_r, so their gradient
+    # is only rounding noise), so compare where the step's gradient is clearly non-zero.
+    grads = step_grads(copy.deepcopy(base), examples, [list(range(8))], tok.pad_token_id)
+    moved, compared = 0.0, 0
+    for (name, a), b, p0 in zip(models[8].named_parameters(), models[4].parameters(), base.parameters()):
+        real = grads[name].abs() > 1e-5
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        moved, compared = max(moved, (a - p0).abs().max().item()), compared + int(real.sum())
+    assert compared > 2000  # (unused token / position embeddings have no gradient either)
+    assert moved > 1e-4  # the step did move the weights, so the comparison is not vacuous
+
+
+@pytest.mark.parametrize("pad", ["eos", "!"])
+def test_reward_padding_invariance(tiny, pad):
+    """PITFALLS 1/2: a text with "!" scores the same alone and right-padded next to a much longer text, with
+    pad = EOS (load_tokenizer's default: every encoded text ends in a real EOS) and with pad = "!" (GPT-2's 0)."""
+    tok, model = reward_model(tiny, pad_token=None if pad == "eos" else "!")
+    assert tok.pad_token_id == (tok.eos_token_id if pad == "eos" else tok.convert_tokens_to_ids("!"))
+    short = "\n\nHuman: Hi!\n\nAssistant: No!"
+    long = "\n\nHuman: " + "Tell me a joke, please! " * 6 + "\n\nAssistant: " + "Why did the chicken cross the road? " * 3
+    (s, _), (l, _) = common.encode_texts(tok, [short, long], 128)
+    assert tok.pad_token_id in s and len(l) > 2 * len(s)
+    model.eval()
+    with torch.no_grad():
+        alone = model(*common.collate([(s, 1)], tok.pad_token_id, CPU)[:2])
+        ids, attn, _ = common.collate([(l, 1), (s, 1)], tok.pad_token_id, CPU)
+        batched = model(ids, attn)
+    # the test bites: reading lengths from token values would pick another position for the short text
+    assert int((ids[1] != tok.pad_token_id).sum()) != int(attn[1].sum())
+    assert batched[1].item() == pytest.approx(alone[0].item(), abs=1e-5)
+    # and the reward is read at the last real token (the EOS), not one off
+    with torch.no_grad():
+        hidden = model.body(input_ids=torch.tensor([s])).last_hidden_state  # (1, T, H)
+        assert alone[0].item() == pytest.approx(model.head(hidden[0, -1]).item(), abs=1e-5)
+        assert alone[0].item() != pytest.approx(model.head(hidden[0, -2]).item(), abs=1e-5)
+
+
+def test_reward_padding_invariance_llama(tiny_llama):
+    tok, model = reward_model(tiny_llama)
+    short = "\n\nHuman: Hi!\n\nAssistant: No!"
+    long = "\n\nHuman: " + "Tell me a joke! " * 8 + "\n\nAssistant: " + "Paris is the capital of France. " * 3
+    (s, _), (l, _) = common.encode_texts(tok, [short, long], 128)
+    model.eval()
+    with torch.no_grad():
+        alone = model(*common.collate([(s, 1)], tok.pad_token_id, CPU)[:2])
+        batched = model(*common.collate([(l, 1), (s, 1)], tok.pad_token_id, CPU)[:2])
+    assert batched[1].item() == pytest.approx(alone[0].item(), abs=1e-5)
+
+
+# ---- common
+
+def test_knowledge_space_hand_example():
+    # pair:     0  1  2  3  4  5  6  7  8  9
+    weak = [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]
+    strong = [1, 1, 1, 0, 1, 1, 1, 0, 0, 0]
+    student = [1, 0, 1, 1, 0, 1, 0, 1, 0, 0]
+    # weak-known & strong-known    {0, 1, 2}: n 3, student wrong at 1        -> 1/3
+    # weak-known & strong-unknown  {3, 9}:    n 2, student wrong at 9        -> 1/2
+    # weak-unknown & strong-known  {4, 5, 6}: n 3, student wrong at 4 and 6  -> 2/3 = DS
+    # weak-unknown & strong-unknown {7, 8}:   n 2, student wrong at 8        -> 1/2
+    ks = common.knowledge_space(weak, strong, student)
+    areas = ks["areas"]
+    assert [areas[a]["n"] for a in common.AREAS] == [3, 2, 3, 2]
+    assert [areas[a]["student_error"] for a in common.AREAS] == pytest.approx([1 / 3, 1 / 2, 2 / 3, 1 / 2])
+    assert ks["ds"] == pytest.approx(2 / 3)
+    assert ks["err_wk_sk"] == pytest.approx(1 / 3)
+    # accuracies: weak 5/10, strong 6/10, student 5/10 -> PGR (0.5 - 0.5) / (0.6 - 0.5) = 0
+    accs = [sum(x) / 10 for x in (student, weak, strong)]
+    assert accs == [0.5, 0.5, 0.6] and common.pgr(*accs) == pytest.approx(0.0)
+
+
+def test_knowledge_space_empty_area_and_lengths():
+    ks = common.knowledge_space([True] * 4, [True, False, True, False], [True, True, False, False])
+    assert ks["areas"]["weak-unknown & strong-known"] == {"n": 0, "student_error": None}
+    assert ks["areas"]["weak-unknown & strong-unknown"] == {"n": 0, "student_error": None}
+    assert ks["ds"] is None and ks["err_wk_sk"] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        common.knowledge_space([True], [True, False], [True, False])
+
+
+def test_pgr():
+    assert common.pgr(0.55, 0.5, 0.6) == pytest.approx(0.5)
+    assert common.pgr(0.6, 0.5, 0.6) == pytest.approx(1.0)
+    assert common.pgr(0.4, 0.5, 0.6) == pytest.approx(-1.0)
+    assert common.pgr(0.7, 0.5, 0.6) == pytest.approx(2.0)
+    assert common.pgr(0.9, 0.6, 0.6) is None  # strong == weak
+    assert common.pgr(0.9, 0.7, 0.6) is None  # strong < weak
+
+
+def test_encode_texts_splits_at_last_assistant(tiny):
+    tok = common.load_tokenizer(tiny)
+    prompt = "\n\nHuman: Hi!\n\nAssistant: Hello.\n\nHuman: Bake bread?\n\nAssistant:"
+    text = prompt + " Mix flour and water!"
+    assert common.split_prompt(text) == (prompt, " Mix flour and water!")
+    [(ids, n_prompt)] = common.encode_texts(tok, [text], 128)
+    assert ids[:n_prompt] == tok(prompt)["input_ids"]
+    assert ids[n_prompt:] == tok(" Mix flour and water!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids[n_prompt:-1]) == " Mix flour and water!"
+    with pytest.raises(ValueError):
+        common.split_prompt("\n\nHuman: no assistant turn")
+
+
+def test_encode_texts_truncation(tiny):
+    tok = common.load_tokenizer(tiny)
+    prompt = "\n\nHuman: " + "Tell me a joke please. " * 5 + "\n\nAssistant:"
+    resp = " Paris is the capital of France."
+    p = tok(prompt)["input_ids"]
+    r = tok(resp, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(p) > 10 and len(r) > 4
+    # fits exactly: untouched
+    [(ids, n)] = common.encode_texts(tok, [prompt + resp], len(p) + len(r))
+    assert (ids, n) == (p + r, len(p))
+    # too long by 5: the prompt loses its 5 leftmost tokens, the response is whole (with its EOS)
+    [(ids, n)] = common.encode_texts(tok, [prompt + resp], len(p) + len(r) - 5)
+    assert ids == p[5:] + r and n == len(p) - 5
+    # the response alone is too long: one prompt token (the last) and the response's first max_len - 1 tokens
+    [(ids, n)] = common.encode_texts(tok, [prompt + resp], 4)
+    assert ids == p[-1:] + r[:3] and n == 1
+    # every length keeps >= 1 prompt token and >= 1 response token, never more than max_len
+    for max_len in range(2, len(p) + len(r) + 2):
+        [(ids, n)] = common.encode_texts(tok, [prompt + resp], max_len)
+        assert len(ids) == min(max_len, len(p) + len(r)) and 1 <= n < len(ids)
+        assert ids[n:] == r[: len(ids) - n]  # the response is cut only from the right, after the prompt is gone
+
+
+def test_encode_texts_bos_once_at_start():
+    """PITFALLS 6: a BOS-adding tokenizer (Llama/OPT-like) puts exactly one BOS, at position 0."""
+    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    texts = list(dict.fromkeys(CORPUS))
+    for text, (ids, n) in zip(texts, common.encode_texts(tok, texts, 512)):
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+        assert ids[n:-1] == tok(common.split_prompt(text)[1], add_special_tokens=False)["input_ids"]
+
+
+def test_encode_texts_truncation_keeps_bos():
+    """Truncation cuts the prompt from the left; it should not cut the BOS away with it (HF's own
+    truncation_side="left" keeps special tokens). Found: common.encode_texts drops it, see the report."""
+    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    text = "\n\nHuman: " + "Tell me a joke please. " * 5 + "\n\nAssistant: Paris is the capital of France."
+    [(full, _)] = common.encode_texts(tok, [text], 512)
+    [(ids, n)] = common.encode_texts(tok, [text], len(full) - 5)
+    assert len(ids) == len(full) - 5
+    assert ids[0] == tok.bos_token_id, (
+        "encode_texts truncation p[-(max_len - len(r)):] removes the BOS at position 0: a truncated text reaches "
+        "a Llama/OPT model without its BOS")
+
+
+def test_make_batches_covers_every_index_once():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(103)]  # 103 = 6 steps of 16 + one of 7
+    for group in (False, True):
+        steps = common.make_batches(lengths, 16, 4, seed=3, group_by_length=group)
+        flat = [i for step in steps for mb in step for i in mb]
+        assert sorted(flat) == list(range(103))
+        assert [sum(len(mb) for mb in step) for step in steps] == [16] * 6 + [7]
+        sizes = [len(mb) for step in steps for mb in step]
+        assert sizes[:-1] == [4] * (len(sizes) - 1) and sizes[-1] == 3
+        assert steps == common.make_batches(lengths, 16, 4, seed=3, group_by_length=group)  # seeded
+    assert common.make_batches(lengths, 16, 4, 3) != common.make_batches(lengths, 16, 4, 4)
+    with pytest.raises(SystemExit):
+        common.make_batches(lengths, 10, 4, 0)
+
+
+def test_make_batches_group_by_length_pads_less():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(2048)]
+
+    def padding(steps):
+        return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for s in steps for mb in s)
+    plain = padding(common.make_batches(lengths, 32, 8, 0, group_by_length=False))
+    grouped = padding(common.make_batches(lengths, 32, 8, 0, group_by_length=True))
+    assert grouped < 0.05 * plain, (grouped, plain)
+    # ...and the grouped micro-batches are not served in length order (no short-to-long curriculum)
+    means = [sum(lengths[i] for i in mb) / len(mb) for s in common.make_batches(lengths, 32, 8, 0) for mb in s]
+    assert means != sorted(means) and means != sorted(means, reverse=True)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_make_batches_steps_independent_of_micro_batch(group_by_length):
+    """micro_batch is in common.NOT_IN_KEY ("changes no stage's numbers", the Makefile picks it by model size),
+    so which pairs form each optimizer step must not depend on it. Found: with group_by_length (the default)
+    it does; see the report."""
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(200)]
+    by_micro = {m: [sorted(i for mb in step for i in mb) for step in
+                    common.make_batches(lengths, 16, m, seed=0, group_by_length=group_by_length)] for m in (8, 4)}
+    assert by_micro[8] == by_micro[4], (
+        "make_batches(group_by_length=True) sorts and shuffles micro-batches of size micro_batch, then cuts steps:"
+        " step composition (hence the trained weights) changes with --micro_batch, which the stage cache ignores")
+
+
+@dataclasses.dataclass
+class _Args:
+    n: int = 1
+    lr: float = 0.1
+    name: str = "x"
+    flag: bool = False
+    on: bool = True
+
+
+def test_parse_args():
+    a = common.parse_args(_Args, ["--n", "5", "--lr=1e-3", "--name", "a b", "--flag", "--no_on"])
+    assert (a.n, a.lr, a.name, a.flag, a.on) == (5, 1e-3, "a b", True, False)
+    assert common.parse_args(_Args, []) == _Args()
+    assert common.parse_args(_Args, ["--flag", "--n", "2"]) == _Args(n=2, flag=True)  # bare flag before a key
+    assert common.parse_args(_Args, ["--flag", "false", "--on=false"]) == _Args(flag=False, on=False)
+    assert common.parse_args(_Args, ["--name="]).name == ""
+    assert common.parse_args(_Args, ["--lr", "-0.5"]).lr == -0.5
+    r = common.parse_args(rm_w2s.Args, ["--n-gt", "7", "--no_group_by_length", "--settings=none"])
+    assert (r.n_gt, r.group_by_length, r.settings) == (7, False, "none")
+    for bad in (["--nope", "1"], ["--n", "abc"], ["--n", "1.5"], ["--lr", "x"], ["--n"], ["n", "1"], ["--no_name"]):
+        with pytest.raises(SystemExit):
+            common.parse_args(_Args, bad)
+
+
+def synthetic_raw(path):
+    """Hub raw format: 7 single-turn distinct pairs, 4 multi-turn (one only on the rejected side), 2 identical."""
+    single = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: yes {i}", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no {i}"}
+              for i in range(7)]
+    multi = [{"chosen": f"\n\nHuman: a{i}\n\nAssistant: b\n\nHuman: c\n\nAssistant: d{i}",
+              "rejected": f"\n\nHuman: a{i}\n\nAssistant: b\n\nHuman: c\n\nAssistant: e{i}"} for i in range(3)]
+    multi.append({"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: y\n\nHuman: z\n\nAssistant: w"})
+    same = [{"chosen": f"\n\nHuman: s{i}\n\nAssistant: t", "rejected": f"\n\nHuman: s{i}\n\nAssistant: t"} for i in range(2)]
+    rows = single[:3] + multi[:2] + same[:1] + single[3:] + multi[2:] + same[1:]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"rows": 13, "kept": 7, "dropped": {"multi_turn": 4, "identical": 2}}
+
+
+def test_filter_single_turn(tmp_path):
+    from datasets import load_dataset
+    src = data_source("hh-rlhf-harmless-base")
+    if src is not None:
+        path, expected = src / "test.jsonl.gz", {"rows": 2312, "kept": 662, "dropped": {"multi_turn": 1650, "identical": 0}}
+    else:
+        path = tmp_path / "test.jsonl.gz"
+        expected = synthetic_raw(path)
+    rows = load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(rows) == expected["rows"]
+    kept, dropped = common.filter_single_turn(rows)
+    assert len(kept) == expected["kept"] and dropped == expected["dropped"]
+    for pair in kept:
+        assert pair["chosen"].count(common.HUMAN) == 1 and pair["rejected"].count(common.HUMAN) == 1
+        assert pair["chosen"] != pair["rejected"]
+    assert common.filter_single_turn(common.read_jsonl(path)) == (kept, dropped)  # the plain reader agrees
+    # both branches on hand-made rows, whatever the data: identical texts; a second turn on one side only
+    one, two = "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
+    assert common.filter_single_turn([{"chosen": one, "rejected": one}]) == ([], {"multi_turn": 0, "identical": 1})
+    assert common.filter_single_turn([{"chosen": one, "rejected": two}, {"chosen": two, "rejected": one}]) \
+        == ([], {"multi_turn": 2, "identical": 0})
+
+
+def synthetic_splits(root, n=60):
+    """The paper's directory layout with known facts: one chosen text of test also in gt, one in w2s; prompt
+    mismatches 2 (gt), 3 (w2s), 4 (test), none of them among the overlapping pairs."""
+    def pairs(tag, mismatches):
+        out = []
+        for i in range(n):
+            q = f"\n\nHuman: {tag} question {i}?\n\nAssistant:"
+            q_r = q.replace("question", "query") if i >= n - mismatches else q
+            out.append({"chosen": f"{q} good answer {tag}{i}", "rejected": f"{q_r} bad answer {tag}{i}"})
+        return out
+    gt, w2s, test = pairs("gt", 2), pairs("w2s", 3), pairs("test", 4)
+    for i, (other, j) in ((10, (gt, 5)), (20, (w2s, 7))):  # the test pair takes another split's chosen text
+        test[i] = {"chosen": other[j]["chosen"], "rejected": common.split_prompt(other[j]["chosen"])[0] + f" meh {i}"}
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train_gt", gt), ("train_w2s", w2s), ("test", test)):
+        (root / f"harmless_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"n": n, "dropped": {"test_text_overlap": 2}, "mismatch": {"gt": 2, "w2s": 3, "test": 4}}
+
+
+@pytest.fixture(scope="module")
+def splits_dir(tmp_path_factory):
+    src = data_source("hh-single-turn")
+    if src is not None:
+        # measured, and stated in ../shared/data/README.md
+        return src, {"n": 4000, "dropped": {"test_text_overlap": 2}, "mismatch": {"gt": 6, "w2s": 7, "test": 14}}
+    root = tmp_path_factory.mktemp("hh-single-turn")
+    return root, synthetic_splits(root)
+
+
+def split_args(data, n, **kw):
+    return SimpleNamespace(**{"data": str(data), "n_gt": n, "n_w2s": n, "n_test": n, "n_extra": 0, "settings": "none",
+                              "seed": 0, "helpful": "", **kw})
+
+
+def test_load_splits_small_disjoint(splits_dir):
+    data, _ = splits_dir
+    splits, stats = common.load_splits(split_args(data, 5))
+    assert [len(splits[s]) for s in ("gt", "w2s", "test", "extra")] == [5, 5, 5, 0]
+    texts = [t for s in splits.values() for p in s for t in (p["chosen"], p["rejected"])]
+    assert len(texts) == len(set(texts)) == 30
+    assert splits["gt"] == common.read_jsonl(Path(data) / "harmless_train_gt.jsonl")[:5]  # file order, no shuffle
+    assert stats["dropped"] == {} and stats["short"] == {} and stats["n_test"] == 5
+
+
+def test_load_splits_full(splits_dir):
+    data, expected = splits_dir
+    n = expected["n"]
+    files = {s: common.read_jsonl(Path(data) / f"harmless_{f}.jsonl")
+             for s, f in (("gt", "train_gt"), ("w2s", "train_w2s"), ("test", "test"))}
+    # own count: pairs of w2s / test sharing a text with an earlier split
+    earlier, own_drops, kept_files = set(), {}, {}
+    for s in ("gt", "w2s", "test"):
+        clash = [p["chosen"] in earlier or p["rejected"] in earlier for p in files[s]]
+        if any(clash):
+            own_drops[f"{s}_text_overlap"] = sum(clash)
+        kept_files[s] = [p for p, c in zip(files[s], clash) if not c]
+        earlier.update(t for p in kept_files[s] for t in (p["chosen"], p["rejected"]))
+    assert own_drops == expected["dropped"]
+
+    splits, stats = common.load_splits(split_args(data, n))
+    assert stats["dropped"] == expected["dropped"]
+    # the test file has exactly n rows, so the two dropped pairs leave the test split 2 short
+    assert stats["short"] == {"test": 2} and stats["n_test"] == n - 2 == len(splits["test"])
+    assert stats["n_gt"] == stats["n_w2s"] == n
+    texts = [t for s in splits.values() for p in s for t in (p["chosen"], p["rejected"])]
+    assert len(texts) == len(set(texts))
+    for s in ("gt", "w2s", "test"):
+        assert splits[s] == kept_files[s]
+        own = sum(common.split_prompt(p["chosen"])[0] != common.split_prompt(p["rejected"])[0] for p in kept_files[s])
+        # README's counts are over whole files; neither overlapping test pair has a prompt mismatch, so they hold
+        assert stats[f"prompt_mismatch_{s}"] == own == expected["mismatch"][s]

@@ -212,7 +212,7 @@ TOY_FILLER = ("please", "tell", "me", "about", "the", "a", "my", "friend", "toda
               "plan", "best", "way", "start", "week")
 TOY_WORDS = 24
 TOY_REFUSE, TOY_COMPLY = " REFUSE", " COMPLY"
-TOY_TAIL_TOKENS = 5  # "\n\n", "Assistant", ":", the answer word and EOS, once the tokenizer knows the words
+TOY_TAIL_TOKENS = 5  # "\n", "\n", "Assistant", ":", the answer word (byte-level BPE splits "\n\n" before a word)
 
 
 def toy_pair(rng, harmful):
@@ -226,10 +226,11 @@ def toy_pair(rng, harmful):
             "cue_from_end": TOY_WORDS + 1 - position}
 
 
-def toy_visible(pair, weak_max_len):
-    """Whether a weak model reading the last `weak_max_len` tokens sees the pair's cue word (each toy word is
-    one token for a tokenizer trained on the toy data, and TOY_TAIL_TOKENS follow the request)."""
-    return pair["cue_from_end"] <= weak_max_len - TOY_TAIL_TOKENS
+def toy_visible(pair, weak_max_len, eos):
+    """Whether a weak model reading the last `weak_max_len` tokens sees the pair's cue word: each toy word is
+    one token for a tokenizer trained on the toy data, and TOY_TAIL_TOKENS (+1 for an EOS: DPO and SimPO
+    append one, the reward model does not) follow the request."""
+    return pair["cue_from_end"] <= weak_max_len - TOY_TAIL_TOKENS - eos
 
 
 def make_toy_pairs(n, n_extra, seed):
@@ -300,7 +301,10 @@ def build_tiny(spec, texts, root, seed, vocab_size=2048):
     tmp = Path(tempfile.mkdtemp(dir=root))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another run built the same model meanwhile: keep that one
+        shutil.rmtree(tmp)
     return str(path)
 
 
@@ -384,10 +388,11 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False):
 # ----------------------------------------------------------------------------------------------------
 # tokenization, batching and log-probs
 
-def encode_texts(tok, texts, max_len):
+def encode_texts(tok, texts, max_len, eos=True):
     """Each text -> (ids, n_prompt). The prompt is encoded with the model's special tokens, the response
-    without them plus EOS (PITFALLS 6), so no BOS lands mid-sequence. Too long: cut the prompt from the left
-    first, keep at least one prompt token (it predicts the first response token) and one response token."""
+    without them, plus EOS if `eos` (PITFALLS 6), so no BOS lands mid-sequence. Too long: cut the prompt from
+    the left first (keeping a leading BOS), keep at least one prompt token (it predicts the first response
+    token) and one response token."""
     if not texts:
         return []
     prompts, responses = zip(*(split_prompt(t) for t in texts))
@@ -396,7 +401,7 @@ def encode_texts(tok, texts, max_len):
     specials = tok("", add_special_tokens=True)["input_ids"]  # e.g. Llama's BOS: kept when cutting the prompt
     out = []
     for p, r in zip(p_ids, r_ids):
-        r = r + [tok.eos_token_id]
+        r = r + [tok.eos_token_id] if eos or not r else r
         if len(p) + len(r) > max_len:
             head = specials if p[: len(specials)] == specials and max_len >= len(specials) + 2 else []
             r = r[: max_len - len(head) - 1]
@@ -405,9 +410,9 @@ def encode_texts(tok, texts, max_len):
     return out
 
 
-def encode_pairs(tok, pairs, max_len):
+def encode_pairs(tok, pairs, max_len, eos=True):
     """Pairs -> list of (chosen (ids, n_prompt), rejected (ids, n_prompt))."""
-    enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len)
+    enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len, eos)
     return list(zip(enc[0::2], enc[1::2]))
 
 

@@ -197,7 +197,9 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     tok = common.load_tokenizer(path)
     model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt))
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
-    encode = lambda pairs: common.encode_pairs(tok, pairs, max_len)  # noqa: E731
+    # The reward is read at the text's last token, the response's own last token as in the paper's code (no
+    # EOS appended): there attention can compare the answer with the request directly.
+    encode = lambda pairs: common.encode_pairs(tok, pairs, max_len, eos=False)  # noqa: E731
     examples = [{"c": c, "r": r, "p": p, "y_gt": 1.0} for (c, r), p in zip(encode(pairs), targets)]
     train(model, examples, tok.pad_token_id, args, stage_dir, autocast, alpha, desc=stage_dir.name)
     model.eval()

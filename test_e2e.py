@@ -1,4 +1,5 @@
-"""End-to-end tests of rm_w2s.main on tiny local models (no network; about a minute on a 2-core CPU).
+"""End-to-end tests of rm_w2s.main, dpo_w2s.main and simpo_w2s.main on tiny local models (no network; about a
+minute on a 2-core CPU with one torch thread).
 
 Data: ../shared/data/hh-single-turn (override the folder holding it with W2S_SHARED_DATA=<dir>). Where it does
 not exist (a user's clone), the runs use small synthetic pairs in the same layout, written by the fixture
@@ -16,7 +17,9 @@ import pytest
 import torch
 
 import common
+import dpo_w2s
 import rm_w2s
+import simpo_w2s
 
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
 N_GT = N_W2S = N_TEST = 48
@@ -98,8 +101,8 @@ def argv(data_dir, out_dir, *extra, n=N_GT, n_extra=N_EXTRA, helpful=""):
     return a + (["--helpful", str(helpful)] if helpful else [])
 
 
-def run_root(out_dir):
-    [root] = [p for p in Path(out_dir).iterdir() if p.name.startswith("rm-")]
+def run_root(out_dir, method="rm"):
+    [root] = [p for p in Path(out_dir).iterdir() if p.name.startswith(f"{method}-")]
     return root
 
 
@@ -164,18 +167,19 @@ def test_full_run_writes_every_file(full_run):
         assert row["correct"] == (row["margin"] > 0)
 
 
-def test_full_run_numbers_recomputed_from_predictions(full_run):
-    """Accuracy, ties, PGR, the four areas, DS and err_wk_sk in results.json, recounted here by hand."""
-    root, results = full_run["root"], full_run["results"]
-    margins = {s: [r["margin"] for r in read_jsonl(root / s / "predictions.jsonl")] for s in STAGES}
+def assert_results_match_predictions(root, results, stages=STAGES, n_test=N_TEST):
+    """Accuracy, ties, PGR, the four areas, DS and err_wk_sk in results.json, recounted here by hand from the
+    stages' predictions.jsonl."""
+    settings = [s[len("student-"):] for s in stages if s.startswith("student-")]
+    margins = {s: [r["margin"] for r in read_jsonl(root / s / "predictions.jsonl")] for s in stages}
     right = {s: [m > 0 for m in ms] for s, ms in margins.items()}  # a tie is not correct
     acc = {s: sum(r) / len(r) for s, r in right.items()}
-    for s in STAGES:
+    for s in stages:
         model = results["models"][s]
         assert model["accuracy"] == pytest.approx(acc[s])
-        assert model["ties"] == sum(m == 0 for m in margins[s]) and model["n"] == N_TEST
+        assert model["ties"] == sum(m == 0 for m in margins[s]) and model["n"] == n_test
     w, st = right["weak"], right["strong"]
-    for setting in ("none", "implicit", "explicit"):
+    for setting in settings:
         entry, stu = results["students"][setting], right[f"student-{setting}"]
         assert entry["accuracy"] == pytest.approx(acc[f"student-{setting}"])
         if acc["strong"] > acc["weak"]:
@@ -184,10 +188,10 @@ def test_full_run_numbers_recomputed_from_predictions(full_run):
             assert entry["pgr"] is None
         counted = {}
         for area, (wk, sk) in zip(common.AREAS, ((True, True), (True, False), (False, True), (False, False))):
-            idx = [i for i in range(N_TEST) if w[i] == wk and st[i] == sk]
+            idx = [i for i in range(n_test) if w[i] == wk and st[i] == sk]
             wrong = sum(not stu[i] for i in idx)
             counted[area] = {"n": len(idx), "student_error": wrong / len(idx) if idx else None}
-        assert sum(a["n"] for a in counted.values()) == N_TEST
+        assert sum(a["n"] for a in counted.values()) == n_test
         for area in common.AREAS:
             assert entry["areas"][area]["n"] == counted[area]["n"]
             assert entry["areas"][area]["student_error"] == pytest.approx(counted[area]["student_error"])
@@ -196,6 +200,11 @@ def test_full_run_numbers_recomputed_from_predictions(full_run):
         if setting != "none" and entry["ds"] is not None and results["students"]["none"]["ds"] is not None:
             assert entry["delta_ds"] == pytest.approx(entry["ds"] - results["students"]["none"]["ds"])
     assert ("PGR is null" in " ".join(results["notes"])) == (acc["strong"] <= acc["weak"])
+
+
+def test_full_run_numbers_recomputed_from_predictions(full_run):
+    """Accuracy, ties, PGR, the four areas, DS and err_wk_sk in results.json, recounted here by hand."""
+    assert_results_match_predictions(full_run["root"], full_run["results"])
 
 
 def test_rerun_is_cached_and_force_reruns(full_run, capsys):
@@ -297,3 +306,156 @@ def test_intermediate_bootstrapping(data_dir, tmp_path):
     metrics = read_jsonl(root / "student-none" / "metrics.jsonl")
     assert (metrics[-1]["examples_seen"] if metrics else 0) == n_student
     assert (read_jsonl(mid / "metrics.jsonl")[-1]["examples_seen"] if n_mid else 0) == n_mid
+
+
+# ---- DPO and SimPO
+
+PO = {"dpo": dpo_w2s, "simpo": simpo_w2s}
+PO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected", "grad_norm", "lr")
+
+
+def po_argv(data_dir, out_dir, *extra, n=N_GT, n_extra=N_EXTRA, helpful=""):
+    """argv() with DPO/SimPO's optimisation settings (parse_args keeps the last --lr)."""
+    return argv(data_dir, out_dir, "--epochs", "1", "--lr", "1e-4", "--sft_lr", "1e-3", *extra, n=n, n_extra=n_extra,
+                helpful=helpful)
+
+
+def sigmoid_abs(margin):
+    """A label's confidence, sigmoid(|margin|), computed here (not with common.confidence)."""
+    return 1 / (1 + math.exp(-abs(margin)))
+
+
+@pytest.fixture(scope="module", params=["dpo", "simpo"])
+def po_run(request, data_dir, helpful, tmp_path_factory):
+    method = request.param
+    out = tmp_path_factory.mktemp(method)
+    args = po_argv(data_dir, out, helpful=helpful)
+    returned = PO[method].main(args)
+    root = run_root(out, method)
+    results = json.loads((root / "results.json").read_text())
+    return {"method": method, "argv": args, "returned": returned, "results": results, "out": out, "root": root}
+
+
+def test_po_full_run_writes_every_file(po_run):
+    method, root, results = po_run["method"], po_run["root"], po_run["results"]
+    assert json.loads(json.dumps(po_run["returned"])) == results
+    config = json.loads((root / "config.json").read_text())
+    assert config == results["config"] and config["settings"] == "none,implicit,explicit"
+    assert (config["lr"], config["sft_lr"], config["epochs"], config["micro_batch"]) == (1e-4, 1e-3, 1, 4)
+    report = (root / "report.md").read_text()
+    assert report.startswith({"dpo": "# DPO", "simpo": "# SimPO"}[method]) and "Knowledge space" in report
+    for setting in ("none", "implicit", "explicit"):
+        assert f"| {setting} |" in report and f"| student-{setting} |" in report
+    assert ("implicit_accuracy" in report) == (method == "dpo")
+
+    data = results["data"]
+    assert (data["n_gt"], data["n_w2s"], data["n_test"], data["n_extra"]) == (N_GT, N_W2S, N_TEST, N_EXTRA)
+    n_train = {"weak": N_GT, "strong": N_GT, "student-none": N_W2S, "student-implicit": N_W2S + N_EXTRA,
+               "student-explicit": N_W2S}
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(STAGES)
+    for stage in STAGES:
+        d = root / stage
+        summary = json.loads((d / "stage.json").read_text())
+        assert summary["key"] and summary["n"] == N_TEST and summary["n_train"] == n_train[stage]
+        assert results["models"][stage]["n_train"] == n_train[stage]
+        preds = read_jsonl(d / "predictions.jsonl")
+        assert [r["index"] for r in preds] == list(range(N_TEST))
+        assert all(r["correct"] == (r["margin"] > 0) for r in preds)
+        if method == "dpo":  # the implicit reward beta * log(pi / pi_ref): its margin and accuracy
+            assert all(r["implicit_correct"] == (r["implicit_margin"] > 0) for r in preds)
+            implicit = sum(r["implicit_margin"] > 0 for r in preds) / N_TEST
+            assert results["models"][stage]["implicit_accuracy"] == pytest.approx(implicit)
+            assert summary["implicit_accuracy"] == pytest.approx(implicit)
+        else:
+            assert "implicit_margin" not in preds[0] and "implicit_accuracy" not in results["models"][stage]
+        for log, keys in (("sft_metrics.jsonl", ("loss", "grad_norm", "lr")), ("metrics.jsonl", PO_METRICS)):
+            rows = read_jsonl(d / log)
+            assert len(rows) == math.ceil(n_train[stage] / 16), log  # one row per optimizer step, 1 epoch
+            assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))
+            assert rows[-1]["examples_seen"] == n_train[stage]
+            for row in rows:
+                assert set(keys) <= row.keys(), (log, sorted(row))
+                assert all(math.isfinite(row[k]) for k in keys), (log, row)
+        rows = read_jsonl(d / "metrics.jsonl")
+        assert all(0 <= r["rewards/accuracies"] <= 1 for r in rows)
+        if method == "dpo" and stage != "student-explicit":  # the first step's loss is logged before any update,
+            assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # with policy == reference (PITFALLS 12)
+            assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+        assert (d / "labels.jsonl").exists() == (stage == "weak")  # only the weak ceiling labels (the w2s split)
+    labels = read_jsonl(root / "weak" / "labels.jsonl")
+    assert len(labels) == N_W2S
+    for row in labels:
+        assert row["p"] == pytest.approx(1 / (1 + math.exp(-row["margin"])) if row["margin"] > -700 else 0.0)
+        assert row["correct"] == (row["margin"] > 0)
+
+
+def test_po_full_run_numbers_recomputed_from_predictions(po_run):
+    assert_results_match_predictions(po_run["root"], po_run["results"])
+
+
+def test_dpo_intermediate_bootstrapping(data_dir, tmp_path):
+    """weak -> intermediate (DPO on the weak labels of w2s; labels gt) -> student (DPO on gt with the
+    intermediate's labels)."""
+    n = 32
+    results = dpo_w2s.main(po_argv(data_dir, tmp_path, "--settings", "none", "--intermediate", "tiny:1x48",
+                                   n=n, n_extra=0))
+    root = run_root(tmp_path, "dpo")
+    stages = ("weak", "strong", "intermediate", "student-none")
+    assert list(results["models"]) == list(stages) and set(results["students"]) == {"none"}
+    mid = root / "intermediate"
+    for f in ("predictions.jsonl", "metrics.jsonl", "sft_metrics.jsonl", "stage.json", "labels.jsonl"):
+        assert (mid / f).exists(), f
+    assert len(read_jsonl(mid / "labels.jsonl")) == n == results["data"]["n_gt"]  # it labels the gt split
+    labelled = {s: json.loads((root / s / "stage.json").read_text())["labelled"] for s in stages}
+    assert labelled == {"weak": "w2s", "strong": None, "intermediate": "gt", "student-none": None}
+    for stage in stages:
+        assert results["models"][stage]["n_train"] == n
+        assert read_jsonl(root / stage / "metrics.jsonl")[-1]["examples_seen"] == n
+        preds = read_jsonl(root / stage / "predictions.jsonl")
+        assert results["models"][stage]["implicit_accuracy"] == pytest.approx(
+            sum(r["implicit_margin"] > 0 for r in preds) / n)
+    assert_results_match_predictions(root, results, stages=("weak", "strong", "student-none"), n_test=n)
+
+
+@pytest.fixture(scope="module")
+def simpo_labelled(data_dir, tmp_path_factory):
+    """A small SimPO run (settings none): its weak labels set the --conf_threshold of the tests below, which
+    re-run it in the same folder (the ceilings come from the cache: the filter is the students' alone)."""
+    out = tmp_path_factory.mktemp("simpo-conf")
+    args = po_argv(data_dir, out, "--settings", "none", n=32, n_extra=0)
+    simpo_w2s.main(args)
+    root = run_root(out, "simpo")
+    confidences = [sigmoid_abs(r["margin"]) for r in read_jsonl(root / "weak" / "labels.jsonl")]
+    return {"argv": args, "root": root, "confidences": confidences}
+
+
+def test_simpo_conf_threshold_trains_on_the_confident_pairs(simpo_labelled, capsys):
+    """SimPO's confidence is sigmoid(|mean-log-prob margin|); a threshold between two of them keeps part."""
+    root, confidences = simpo_labelled["root"], simpo_labelled["confidences"]
+    distinct = sorted(set(confidences))
+    assert len(distinct) >= 2
+    mid = len(distinct) // 2
+    threshold = (distinct[mid - 1] + distinct[mid]) / 2
+    kept = sum(c >= threshold for c in confidences)
+    assert 0 < kept < len(confidences)
+    print(f"--conf_threshold {threshold}: keeps {kept}/{len(confidences)} weak labels")
+    capsys.readouterr()
+    results = simpo_w2s.main(simpo_labelled["argv"] + ["--conf_threshold", repr(threshold)])
+    out = capsys.readouterr().out
+    assert "[weak] cached" in out and "[strong] cached" in out and "[student-none] cached" not in out
+    assert results["config"]["conf_threshold"] == threshold
+    assert results["models"]["student-none"]["n_train"] == kept
+    for log in ("metrics.jsonl", "sft_metrics.jsonl"):
+        assert read_jsonl(root / "student-none" / log)[-1]["examples_seen"] == kept
+    assert_results_match_predictions(root, results, stages=("weak", "strong", "student-none"), n_test=32)
+
+
+def test_simpo_conf_threshold_keeping_nothing_exits(simpo_labelled):
+    top = max(simpo_labelled["confidences"])
+    threshold = (top + 1) / 2
+    assert top < threshold < 1
+    with pytest.raises(SystemExit) as exit_info:
+        simpo_w2s.main(simpo_labelled["argv"] + ["--conf_threshold", repr(threshold)])
+    message = str(exit_info.value)
+    assert "no labelled pair" in message and "--conf_threshold" in message and f"{top:.3f}" in message, message

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import common
+import dpo_w2s
 import rm_w2s
+import simpo_w2s
 
 CPU = torch.device("cpu")
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
@@ -590,3 +592,444 @@ def test_load_splits_full(splits_dir):
         own = sum(common.split_prompt(p["chosen"])[0] != common.split_prompt(p["rejected"])[0] for p in kept_files[s])
         # README's counts are over whole files; neither overlapping test pair has a prompt mismatch, so they hold
         assert stats[f"prompt_mismatch_{s}"] == own == expected["mismatch"][s]
+
+
+# ---- DPO and SimPO
+
+def causal_lm(path):
+    from transformers import AutoModelForCausalLM
+    tok = common.load_tokenizer(path)
+    torch.manual_seed(0)
+    return tok, common.load_model(path, AutoModelForCausalLM, tok, CPU)
+
+
+def test_dpo_loss_is_log2_when_policy_is_reference():
+    """PITFALLS 12: at step 0 (policy == reference) every pair's loss is log 2 = 0.693147 and both rewards are 0."""
+    torch.manual_seed(0)
+    pi_c, pi_r = -50 * torch.rand(6), -50 * torch.rand(6)
+    for beta in (0.1, 0.5, 2.0):
+        losses, chosen, rejected = dpo_w2s.dpo_loss(pi_c, pi_r, pi_c.clone(), pi_r.clone(), beta)
+        assert losses.tolist() == pytest.approx([0.693147] * 6, abs=1e-6)
+        assert chosen.tolist() == rejected.tolist() == [0.0] * 6
+
+
+def test_dpo_loss_hand_values():
+    pi_c = torch.tensor([-10.0, -20.0, -5.0, -30.0], requires_grad=True)
+    pi_r = torch.tensor([-12.0, -15.0, -3.0, -10.0], requires_grad=True)
+    ref_c, ref_r = torch.tensor([-11.0, -22.0, -5.0, -20.0]), torch.tensor([-11.0, -14.0, -3.0, -20.0])
+    # (pi_c - pi_r) - (ref_c - ref_r):  2 - 0 = 2,  -5 - (-8) = 3,  -2 - (-2) = 0,  -20 - 0 = -20
+    # loss = -log sigmoid(beta * that) = log(1 + exp(-beta * that))
+    losses, chosen, rejected = dpo_w2s.dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.1)
+    expected = [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(-0.3)), math.log(2), math.log(1 + math.exp(2.0))]
+    assert expected == pytest.approx([0.598139, 0.554355, 0.693147, 2.126928], abs=1e-6)
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    # rewards: beta * (pi - ref), detached
+    assert chosen.tolist() == pytest.approx([0.1, 0.2, 0.0, -1.0], abs=1e-6)
+    assert rejected.tolist() == pytest.approx([-0.1, -0.1, 0.0, 1.0], abs=1e-6)
+    assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
+    assert chosen.grad_fn is None and rejected.grad_fn is None
+    # beta scales the log-ratio difference: beta 0.5 on the first pair gives log(1 + e^-1) = 0.313262
+    assert dpo_w2s.dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.5)[0][0].item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_simpo_loss_hand_values_gamma_absolute():
+    pi_c = torch.tensor([-1.0, -1.0, -2.0, -0.5], requires_grad=True)
+    pi_r = torch.tensor([-1.5, -2.0, -1.0, -0.5], requires_grad=True)
+    # beta 2, gamma 1: beta * (pi_c - pi_r) - gamma = 0, 1, -3, -1
+    losses, chosen, rejected = simpo_w2s.simpo_loss(pi_c, pi_r, 2.0, 1.0)
+    expected = [math.log(2), math.log(1 + math.exp(-1)), math.log(1 + math.exp(3)), math.log(1 + math.exp(1))]
+    assert expected == pytest.approx([0.693147, 0.313262, 3.048587, 1.313262], abs=1e-6)
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    # rewards: beta * mean log-prob, detached
+    assert chosen.tolist() == pytest.approx([-2.0, -2.0, -4.0, -1.0]) and not chosen.requires_grad
+    assert rejected.tolist() == pytest.approx([-3.0, -4.0, -2.0, -1.0]) and not rejected.requires_grad
+    # gamma is absolute (not gamma_beta_ratio): beta 4, gamma 1, delta 0.25 -> 4 * 0.25 - 1 = 0 -> log 2,
+    # where beta * (delta - gamma) would give 4 * (0.25 - 1) = -3 -> 3.048587
+    got = simpo_w2s.simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.25]), 4.0, 1.0)[0].item()
+    assert got == pytest.approx(math.log(2), abs=1e-6)
+    # gamma 0: plain -log sigmoid(beta * delta)
+    assert simpo_w2s.simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.5]), 2.0, 0.0)[0].item() == \
+        pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+
+
+# texts of very different prompt and response lengths, two with "!" (GPT-2's token 0)
+PO_TEXTS = [
+    "\n\nHuman: Hi!\n\nAssistant: No!",
+    "\n\nHuman: " + "Tell me a joke, please! " * 4 + "\n\nAssistant: Why did the chicken cross the road?",
+    "\n\nHuman: What is the capital of France?\n\nAssistant: Paris is the capital of France. Try reading a classic "
+    "novel, like Pride and Prejudice.",
+    "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour.",
+]
+
+
+def token_logps_alone(model, ids):
+    """Brute force, one sequence alone (unbatched, no padding, no mask): out[t] = log_softmax(logits[t-1])[ids[t]]
+    for t >= 1 (out[0] = None: the first token has no predictor)."""
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)  # (T, V)
+    return [None] + [logp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_llama"])
+def test_sequence_logps_brute_force_per_token(arch, request):
+    """PITFALLS 3/4/5: sequence_logps over a right-padded batch (pad = EOS) equals, per sequence, a loop over the
+    response positions t = n_prompt .. len-1 of that sequence alone: the first response token (predicted from the
+    last prompt position) and the final EOS count; prompt and padding do not."""
+    tok, model = causal_lm(request.getfixturevalue(arch))
+    seqs = common.encode_texts(tok, PO_TEXTS, 128)
+    ids, attn, resp = common.collate(seqs, tok.pad_token_id, CPU)
+    assert (attn == 0).any() and len({len(s) for s, _ in seqs}) == len(seqs)  # padded, all lengths differ
+    with torch.no_grad():
+        sums, counts = common.sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids, resp)
+    for i, (s, n_prompt) in enumerate(seqs):
+        per_token = token_logps_alone(model, s)
+        assert n_prompt >= 2 and s[-1] == tok.eos_token_id
+        assert counts[i].item() == len(s) - n_prompt
+        assert sums[i].item() == pytest.approx(sum(per_token[n_prompt:]), abs=1e-4), f"sequence {i}"
+        # the test bites: dropping the first response token, or adding the last prompt token, is far off
+        assert sums[i].item() != pytest.approx(sum(per_token[n_prompt + 1:]), abs=1e-2)
+        assert sums[i].item() != pytest.approx(sum(per_token[n_prompt - 1:]), abs=1e-2)
+
+
+def test_sequence_logps_batched_equals_unbatched(tiny):
+    """PITFALLS 3: per-example log-probs in a right-padded batch equal the unbatched ones, through both paths
+    that DPO/SimPO use: common.pair_logps (evaluation and DPO's reference) and the training forward."""
+    tok, model = causal_lm(tiny)
+    seqs = common.encode_texts(tok, PO_TEXTS, 128)
+    with torch.no_grad():
+        alone = [common.sequence_logps(model(input_ids=torch.tensor([s])).logits, torch.tensor([s]),
+                                       common.collate([(s, n)], tok.pad_token_id, CPU)[2]) for s, n in seqs]
+        batched, counts = simpo_w2s.forward_logps(model, seqs, tok.pad_token_id)  # right-padded to the longest
+        dpo_sums = dpo_w2s.forward_logps(model, seqs, tok.pad_token_id)
+    pairs = common.pair_logps(model, list(zip(seqs[0::2], seqs[1::2])), tok.pad_token_id, 1, contextlib.nullcontext)
+    evaluated = [x for pair in pairs for x in pair]
+    for i, (s_alone, n_alone) in enumerate(alone):
+        assert batched[i].item() == pytest.approx(s_alone.item(), abs=1e-4)
+        assert dpo_sums[i].item() == pytest.approx(s_alone.item(), abs=1e-4)
+        assert evaluated[i][0] == pytest.approx(s_alone.item(), abs=1e-4)
+        assert counts[i].item() == evaluated[i][1] == n_alone.item()
+
+
+def test_sequence_logps_ignores_prompt_and_padding_positions():
+    """PITFALLS 5 on the pure function: logits that predict prompt tokens or padding, and the prompt tokens' and
+    padding's labels, do not change the result; the logits predicting each response token (the first one
+    included, from the last prompt position) do."""
+    torch.manual_seed(0)
+    V, T = 11, 7
+    seqs = [([1, 2, 3, 4, 5, 6, 7], 3), ([8, 9, 10, 1, 2], 4), ([3, 4, 5], 1)]
+    ids, attn, resp = common.collate(seqs, 0, CPU)
+    logits = torch.randn(3, T, V)
+    base, counts = common.sequence_logps(logits, ids, resp)
+    assert counts.tolist() == [4, 1, 2]
+    logp = logits.double().log_softmax(-1)
+    hand = [sum(logp[i, t - 1, s[t]].item() for t in range(n, len(s))) for i, (s, n) in enumerate(seqs)]
+    assert base.tolist() == pytest.approx(hand, abs=1e-5)
+    for i, (s, n_prompt) in enumerate(seqs):
+        # logits that predict a prompt token, padding or nothing
+        for pos in list(range(n_prompt - 1)) + list(range(len(s) - 1, T)):
+            changed = logits.clone()
+            changed[i, pos] = 10 * torch.randn(V)
+            torch.testing.assert_close(common.sequence_logps(changed, ids, resp)[0], base, msg=f"seq {i} pos {pos}")
+        for pos in range(n_prompt - 1, len(s) - 1):  # predicts a response token
+            changed = logits.clone()
+            changed[i, pos, s[pos + 1]] += 1.0
+            new = common.sequence_logps(changed, ids, resp)[0]
+            assert new[i].item() > base[i].item() + 1e-3, f"seq {i}: the logits at {pos} do not count"
+            assert torch.equal(torch.cat([new[:i], new[i + 1:]]), torch.cat([base[:i], base[i + 1:]]))
+    # PITFALLS 14: log-softmax in fp32 even for bf16 logits
+    low, _ = common.sequence_logps(logits.bfloat16(), ids, resp)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, common.sequence_logps(logits.bfloat16().float(), ids, resp)[0])
+    relabelled = ids.clone()
+    for i, (s, n_prompt) in enumerate(seqs):
+        relabelled[i, 1:n_prompt] = (relabelled[i, 1:n_prompt] + 1) % V  # the prompt tokens' labels
+        relabelled[i, len(s):] = 5  # padding's
+    assert not torch.equal(relabelled, ids)
+    torch.testing.assert_close(common.sequence_logps(logits, relabelled, resp)[0], base)
+
+
+# pairs whose responses differ much in length (and one pair of near-equal lengths)
+LENGTH_PAIRS = [
+    {"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour.",
+     "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water and yeast, then bake it! Try reading "
+                 "a classic novel, like Pride and Prejudice, while it bakes."},
+    {"chosen": "\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken cross the road? To get to the other side!",
+     "rejected": "\n\nHuman: Tell me a joke.\n\nAssistant: No!"},
+    {"chosen": "\n\nHuman: Can you help me steal a car?\n\nAssistant: No, I won't help with that!",
+     "rejected": "\n\nHuman: Can you help me steal a car?\n\nAssistant: Are you safe?"},
+]
+
+
+def test_dpo_sums_and_simpo_means_in_batch_loss(tiny):
+    """PITFALLS 9: dpo_batch_loss feeds dpo_loss the SUMMED response log-probs, simpo_batch_loss feeds simpo_loss
+    the per-token MEAN (sum / count), with and without the explicit-conflict term. Expected values come from the
+    brute-force per-token loop on each text alone."""
+    tok, model = causal_lm(tiny)
+    pad = tok.pad_token_id
+    enc = common.encode_pairs(tok, LENGTH_PAIRS, 128)
+    n = {k: torch.tensor([float(len(p[j][0]) - p[j][1]) for p in enc]) for j, k in enumerate("cr")}
+    assert (n["c"] - n["r"]).abs().max() >= 10  # the lengths differ, so sum and mean tell apart
+    s = {k: torch.tensor([sum(token_logps_alone(model, p[j][0])[p[j][1]:]) for p in enc]) for j, k in enumerate("cr")}
+    ref = {"c": s["c"] + torch.tensor([3.0, -2.0, 0.5]), "r": s["r"] + torch.tensor([-1.0, 4.0, 0.0])}
+    gt_agree = torch.tensor([True, False, True])
+    examples = [{"seqs": [c, r], "ref": [ref["c"][i].item(), ref["r"][i].item()], "gt_agree": bool(gt_agree[i])}
+                for i, (c, r) in enumerate(enc)]
+    mean = {k: s[k] / n[k] for k in "cr"}
+    for alpha in (0.0, 0.5):
+        with torch.no_grad():
+            dpo, dpo_metrics = dpo_w2s.dpo_batch_loss(model, pad, 0.1, alpha)(examples)
+            simpo, simpo_metrics = simpo_w2s.simpo_batch_loss(model, pad, 2.0, 1.0, alpha)(examples)
+
+        def dpo_expected(c, r, ref_c, ref_r):
+            return (dpo_w2s.dpo_loss(c, r, ref_c, ref_r, 0.1)[0]
+                    + alpha * dpo_w2s.dpo_conflict_loss(c, r, ref_c, ref_r, gt_agree, 0.1)).sum().item()
+
+        def simpo_expected(c, r):
+            return (simpo_w2s.simpo_loss(c, r, 2.0, 1.0)[0]
+                    + alpha * simpo_w2s.simpo_conflict_loss(c, r, gt_agree, 2.0, 1.0)).sum().item()
+        assert dpo.item() == pytest.approx(dpo_expected(s["c"], s["r"], ref["c"], ref["r"]), abs=1e-4)
+        assert simpo.item() == pytest.approx(simpo_expected(mean["c"], mean["r"]), abs=1e-4)
+        # and the other reduction gives something else on these pairs
+        assert dpo.item() != pytest.approx(dpo_expected(mean["c"], mean["r"], ref["c"] / n["c"], ref["r"] / n["r"]),
+                                           abs=1e-2)
+        assert simpo.item() != pytest.approx(simpo_expected(s["c"], s["r"]), abs=1e-2)
+    # the logged log-probs are those the loss saw: sums for DPO, means for SimPO (as SimPO's own trainer logs)
+    assert dpo_metrics["logps/chosen"].item() == pytest.approx(s["c"].sum().item(), abs=1e-3)
+    assert dpo_metrics["logps/rejected"].item() == pytest.approx(s["r"].sum().item(), abs=1e-3)
+    assert simpo_metrics["logps/chosen"].item() == pytest.approx(mean["c"].sum().item(), abs=1e-4)
+    assert simpo_metrics["logps/rejected"].item() == pytest.approx(mean["r"].sum().item(), abs=1e-4)
+    assert dpo_metrics["rewards/chosen"].item() == pytest.approx(0.1 * (s["c"] - ref["c"]).sum().item(), abs=1e-4)
+
+
+def assert_descent_prefers_gt_rejected(conflict, pi_c, pi_r, gt_agree, conflicts):
+    """`conflict(pi_c, pi_r, gt_agree) -> (B,)` on weak-oriented log-probs. Where the policy agrees with the ground
+    truth (`conflicts` False): zero gradient. Where it prefers the ground-truth rejected response: the gradient
+    lowers the GT-chosen and raises the GT-rejected log-prob, so one gradient-descent step widens
+    log π(GT-rejected) - log π(GT-chosen)."""
+    pc = torch.tensor(pi_c, dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor(pi_r, dtype=torch.float64, requires_grad=True)
+    agree = torch.tensor(gt_agree)
+    conflict(pc, pr, agree).sum().backward()
+
+    def gap(c, r):  # log π(GT-rejected) - log π(GT-chosen), per pair
+        return torch.where(agree, r - c, c - r)
+    with torch.no_grad():
+        before, after = gap(pc, pr), gap(pc - 0.1 * pc.grad, pr - 0.1 * pr.grad)
+    for i, (a, bad) in enumerate(zip(gt_agree, conflicts)):
+        g_gt_chosen, g_gt_rejected = (pc.grad[i], pr.grad[i]) if a else (pr.grad[i], pc.grad[i])
+        if bad:
+            assert g_gt_rejected < 0 < g_gt_chosen, f"pair {i}: gradient {pc.grad[i]}, {pr.grad[i]}"
+            assert after[i] > before[i], f"pair {i}: a descent step does not widen the preference for GT-rejected"
+        else:
+            assert g_gt_rejected == g_gt_chosen == 0, f"pair {i}: the policy agrees with GT, yet has a gradient"
+            assert after[i] == before[i]
+
+
+# weak-oriented log-probs (c = the weak-chosen response) for the conflict terms:
+#   pair:      0      1      2     3      4      5      6
+# gt_agree:    T      F      T     F      T      F      T
+# policy:    c>r    r>c    c<r   c>r    tie    tie    c>r
+# agrees GT: yes    yes    no    no     no     no     yes
+CONFLICT_AGREE = [True, False, True, False, True, False, True]
+CONFLICT_ROWS = [False, False, True, True, True, True, False]
+
+
+def test_dpo_conflict_loss():
+    pi_c = [-10.0, -14.0, -12.0, -10.0, -5.0, -8.0, -1.0]
+    pi_r = [-12.0, -11.0, -10.0, -12.0, -5.0, -8.0, -30.0]
+    ref_c = torch.tensor([-11.0, -12.0, -11.0, -11.0, -4.0, -7.0, -2.0], dtype=torch.float64)
+    ref_r = torch.tensor([-11.0, -12.0, -11.0, -10.0, -6.0, -9.0, -3.0], dtype=torch.float64)
+    beta = 0.1
+    got = dpo_w2s.dpo_conflict_loss(torch.tensor(pi_c, dtype=torch.float64), torch.tensor(pi_r, dtype=torch.float64),
+                                    ref_c, ref_r, torch.tensor(CONFLICT_AGREE), beta)
+    # DPO's loss written towards the GT-rejected response y_l' (x = GT-rejected, y = GT-chosen):
+    # -log sigmoid(beta * ((pi_x - pi_y) - (ref_x - ref_y)))
+    #  2: x = r, y = c: (-10 + 12) - (-11 + 11) = 2         -> log(1 + e^-0.2) = 0.598139
+    #  3: x = c, y = r: (-10 + 12) - (-11 + 10) = 3         -> log(1 + e^-0.3) = 0.554355
+    #  4: x = r, y = c: (0) - (-6 + 4) = 2                  -> 0.598139
+    #  5: x = c, y = r: (0) - (-7 + 9) = -2                 -> log(1 + e^0.2) = 0.798139
+    expected = [0.0, 0.0, math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(-0.3)), math.log(1 + math.exp(-0.2)),
+                math.log(1 + math.exp(0.2)), 0.0]
+    assert expected[2:6] == pytest.approx([0.598139, 0.554355, 0.598139, 0.798139], abs=1e-6)
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert_descent_prefers_gt_rejected(lambda c, r, a: dpo_w2s.dpo_conflict_loss(c, r, ref_c, ref_r, a, beta),
+                                       pi_c, pi_r, CONFLICT_AGREE, CONFLICT_ROWS)
+
+
+def test_simpo_conflict_loss():
+    pi_c = [-1.0, -2.0, -2.0, -1.0, -0.5, -1.0, -0.2]
+    pi_r = [-2.0, -1.0, -1.5, -2.0, -0.5, -1.0, -3.0]
+    beta, gamma = 2.0, 1.0
+    got = simpo_w2s.simpo_conflict_loss(torch.tensor(pi_c), torch.tensor(pi_r), torch.tensor(CONFLICT_AGREE),
+                                        beta, gamma)
+    # SimPO's loss towards the GT-rejected response x over the GT-chosen y: -log sigmoid(beta * (pi_x - pi_y) - gamma)
+    #  2: x = r: 2 * (-1.5 + 2) - 1 = 0   -> log 2 = 0.693147
+    #  3: x = c: 2 * (-1 + 2) - 1 = 1     -> log(1 + e^-1) = 0.313262
+    #  4, 5: ties: 2 * 0 - 1 = -1         -> log(1 + e) = 1.313262
+    expected = [0.0, 0.0, math.log(2), math.log(1 + math.exp(-1)), math.log(1 + math.e), math.log(1 + math.e), 0.0]
+    assert expected[2:6] == pytest.approx([0.693147, 0.313262, 1.313262, 1.313262], abs=1e-6)
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert_descent_prefers_gt_rejected(lambda c, r, a: simpo_w2s.simpo_conflict_loss(c, r, a, beta, gamma),
+                                       pi_c, pi_r, CONFLICT_AGREE, CONFLICT_ROWS)
+
+
+def test_confident_subset_reads_only_margins():
+    margins = [0.1, -2.0, 3.0, -0.5, 0.0, 0.3]
+    # confidence sigmoid(|m|): 0.525, 0.881, 0.953, 0.622, 0.5, 0.574
+    assert common.confidence(margins).tolist() == pytest.approx([0.524979, 0.880797, 0.952574, 0.622459, 0.5, 0.574443],
+                                                                abs=1e-6)
+    assert common.confident_subset(margins, 0.6, gt_correct=None) == [1, 2, 3]
+    assert common.confident_subset(margins, 0.9, gt_correct=None) == [2]
+    assert common.confident_subset(margins, 0.0, gt_correct=None) == list(range(6))
+    # only |margin| matters: whatever the labels' correctness, flipping every sign gives the same subset
+    assert common.confident_subset([-m for m in margins], 0.6) == [1, 2, 3]
+    assert common.confident_subset(torch.tensor(margins), 0.6) == [1, 2, 3]
+    # the named GT option (--drop_weak_errors) also drops the weak model's errors
+    assert common.confident_subset(margins, 0.6, gt_correct=[True, False, True, True, True, True]) == [2, 3]
+
+
+def fake_experiment(tmp_path, margins, correct, **args):
+    """A common.Experiment with only what student_data reads: args, splits and a labeller folder whose
+    labels.jsonl has the given margins and "correct" fields (so a test can scramble the latter)."""
+    exp = object.__new__(common.Experiment)
+    exp.args = SimpleNamespace(**{"conf_threshold": 0.0, "drop_weak_errors": False, **args})
+    exp.splits = {"w2s": [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(len(margins))],
+                  "extra": [{"chosen": "helpful", "rejected": "unhelpful"}]}
+    folder = tmp_path / "labeller"
+    rows = common.label_rows(margins)
+    for row, c in zip(rows, correct):
+        row["correct"] = c
+    common.write_jsonl(folder / "labels.jsonl", rows)
+    return exp, {"dir": str(folder), "labelled": "w2s"}
+
+
+@pytest.mark.parametrize("labels", [{}, {"hard_labels": False}], ids=["dpo_simpo", "rm_soft"])
+def test_student_data_never_reads_ground_truth_without_drop_weak_errors(tmp_path, labels):
+    """PITFALLS 16: the students' pairs and targets depend on the labeller's margins only; labels.jsonl's "correct"
+    field (ground truth) is read only under --drop_weak_errors."""
+    rng = random.Random(0)
+    margins = [rng.uniform(-3, 3) for _ in range(40)] + [0.0]
+    truth = [m > 0 for m in margins]
+    scrambled = [rng.random() < 0.5 for _ in margins]
+    assert scrambled != truth
+    for threshold in (0.0, 0.6, 0.9):
+        for setting in ("none", "implicit", "explicit"):
+            exp, labeller = fake_experiment(tmp_path / "a", margins, truth, conf_threshold=threshold, **labels)
+            exp2, labeller2 = fake_experiment(tmp_path / "b", margins, scrambled, conf_threshold=threshold, **labels)
+            pairs, targets = exp.student_data(setting, labeller)
+            assert (pairs, targets) == exp2.student_data(setting, labeller2)
+            keep = [i for i, m in enumerate(margins) if 1 / (1 + math.exp(-abs(m))) >= threshold]
+            assert 0 < len(keep) <= len(margins) and (threshold == 0) == (len(keep) == len(margins))
+            n_extra = 1 if setting == "implicit" else 0
+            assert pairs == [exp.splits["w2s"][i] for i in keep] + exp.splits["extra"][:n_extra]
+            if labels.get("hard_labels", True):  # DPO and SimPO Args have no hard_labels: always hard
+                assert targets == [float(margins[i] > 0) for i in keep] + [1.0] * n_extra
+            else:
+                assert targets == pytest.approx([1 / (1 + math.exp(-margins[i])) for i in keep] + [1.0] * n_extra)
+    # with the option, "correct" is read, and the scrambled field changes the data
+    exp, labeller = fake_experiment(tmp_path / "c", margins, scrambled, conf_threshold=0.6, drop_weak_errors=True,
+                                    **labels)
+    pairs, _ = exp.student_data("none", labeller)
+    keep = [i for i, m in enumerate(margins) if 1 / (1 + math.exp(-abs(m))) >= 0.6 and scrambled[i]]
+    assert pairs == [exp.splits["w2s"][i] for i in keep]
+
+
+def test_orient(tmp_path):
+    pairs = [{"chosen": f"a{i}", "rejected": f"b{i}"} for i in range(5)]
+    original = copy.deepcopy(pairs)
+    oriented, agree = common.orient(pairs, [1.0, 0.0, 0.8, 0.2, 0.5])
+    # target > 0.5: the labeller prefers chosen; 0.5 (no preference) is not a preference for chosen
+    assert oriented == [{"chosen": "a0", "rejected": "b0"}, {"chosen": "b1", "rejected": "a1"},
+                        {"chosen": "a2", "rejected": "b2"}, {"chosen": "b3", "rejected": "a3"},
+                        {"chosen": "b4", "rejected": "a4"}]
+    assert agree == [True, False, True, False, False]
+    assert pairs == original  # the ground-truth-oriented pairs are left as they were
+    # through the students' data: chosen is the response the labeller's margin prefers
+    exp, labeller = fake_experiment(tmp_path, [2.0, -1.0, 0.5, -0.1], [True, False, True, False])
+    oriented, agree = common.orient(*exp.student_data("none", labeller))
+    assert oriented == [{"chosen": "good 0", "rejected": "bad 0"}, {"chosen": "bad 1", "rejected": "good 1"},
+                        {"chosen": "good 2", "rejected": "bad 2"}, {"chosen": "bad 3", "rejected": "good 3"}]
+    assert agree == [True, False, True, False]
+
+
+def po_examples(tok, model, n, seed=0):
+    """n encoded pairs as dpo_w2s.train / simpo_w2s.train expect, with DPO's reference log-probs computed by the
+    model itself (so policy == reference) and a mix of gt_agree."""
+    rng = random.Random(seed)
+    texts = list(dict.fromkeys(CORPUS))
+    enc = common.encode_pairs(tok, [dict(zip(("chosen", "rejected"), rng.sample(texts, 2))) for _ in range(n)], 128)
+    ref = common.pair_logps(model, enc, tok.pad_token_id, 4, contextlib.nullcontext)
+    return [{"seqs": [c, r], "ref": [rc[0], rr[0]], "gt_agree": rng.random() < 0.5}
+            for (c, r), (rc, rr) in zip(enc, ref)]
+
+
+def po_objective(module, objective, model, pad_id, alpha):
+    """(batch_loss, size) as run_model passes them to train: the method's loss (1 unit per pair) or SFT's
+    (1 unit per response token)."""
+    if objective == "sft":
+        return module.sft_loss(model, pad_id), lambda e: len(e["seqs"][0][0]) - e["seqs"][0][1]
+    if module is dpo_w2s:
+        return dpo_w2s.dpo_batch_loss(model, pad_id, 0.1, alpha), lambda e: 1
+    return simpo_w2s.simpo_batch_loss(model, pad_id, 2.0, 1.0, alpha), lambda e: 1
+
+
+def run_po_train(module, objective, model, examples, pad_id, log_path, alpha, **overrides):
+    """module.train for one epoch with a RecordingOptimizer (install it first); returns the metrics rows."""
+    args = module.Args(**{"batch_size": 8, "micro_batch": 8, "epochs": 1, "warmup_ratio": 0.0, "grad_clip": 1e9,
+                          "seed": 0, "log_every": 1000, **overrides})
+    batch_loss, size = po_objective(module, objective, model, pad_id, alpha)
+    module.train(model, examples, batch_loss, size, pad_id, 1e-3, 1, "constant", args, log_path,
+                 contextlib.nullcontext, log_path.stem)
+    return [json.loads(line) for line in log_path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["po", "sft"])
+@pytest.mark.parametrize("module", [dpo_w2s, simpo_w2s], ids=["dpo", "simpo"])
+def test_po_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_path, monkeypatch, module, objective):
+    """PITFALLS 11 for dpo_w2s.train / simpo_w2s.train: each optimizer step's gradient (before clipping; clip 1e9)
+    is the same for micro_batch 8, 4 and 2 (the short last step of 6 pairs splits 6, 4+2, 2+2+2) and equals the
+    gradient of the whole step's summed loss divided by its units: pairs for DPO/SimPO (explicit term on), response
+    tokens for SFT. Grouped by length, as by default."""
+    tok, base = causal_lm(tiny)
+    pad = tok.pad_token_id
+    examples = po_examples(tok, base, 14)
+    recorded = {}
+    for micro in (8, 4, 2):
+        model = copy.deepcopy(base)
+        opt = {}
+        monkeypatch.setattr(common, "make_optimizer",
+                            lambda params, *a: opt.setdefault("o", RecordingOptimizer(params)))
+        rows = run_po_train(module, objective, model, examples, pad, tmp_path / f"m{micro}.jsonl", 0.5,
+                            micro_batch=micro)
+        assert [r["examples_seen"] for r in rows] == [8, 14]
+        names = {id(p): n for n, p in model.named_parameters()}
+        recorded[micro] = [{names[k]: g for k, g in step.items()} for step in opt["o"].grads]
+    assert len(recorded[8]) == 2
+    for micro in (4, 2):
+        for a, b in zip(recorded[micro], recorded[8]):
+            assert_grads_close(a, b)
+    lengths = [sum(len(s[0]) for s in e["seqs"]) for e in examples]
+    for step, got in zip(common.make_batches(lengths, 8, 8, seed=0), recorded[8]):
+        model = copy.deepcopy(base)
+        batch_loss, size = po_objective(module, objective, model, pad, 0.5)
+        batch = [examples[i] for mb in step for i in mb]
+        loss, _ = batch_loss(batch)
+        (loss / sum(size(e) for e in batch)).backward()
+        assert_grads_close(got, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_dpo_train_starts_at_log2(tiny, tmp_path, monkeypatch):
+    """PITFALLS 12 through dpo_w2s.train: with the reference log-probs computed by common.pair_logps from the
+    policy itself (as run_model does after SFT) and the weights held still, every step's loss is log 2 and the
+    rewards are 0; the reference path (pair_logps) and the training forward agree."""
+    tok, model = causal_lm(tiny)
+    examples = po_examples(tok, model, 14)
+    monkeypatch.setattr(common, "make_optimizer", lambda params, *a: RecordingOptimizer(params))
+    rows = run_po_train(dpo_w2s, "po", model, examples, tok.pad_token_id, tmp_path / "metrics.jsonl", 0.0,
+                        micro_batch=4)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert row[key] == pytest.approx(0.0, abs=1e-5)
+        assert {"rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr"} <= row.keys()

@@ -17,8 +17,12 @@ Run:
   python rm_w2s.py --weak gpt2 --strong gpt2-medium --data hh --settings none,explicit
   python rm_w2s.py --data toy --weak tiny:1x32 --strong tiny:2x64 ...   (offline, see README)
 """
+import dataclasses
 import json
 import math
+import tempfile
+import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +70,7 @@ class Args:
     out_dir: str = "runs"  # run folders go here
     log_every: int = 10  # optimizer steps between log lines
     force: bool = False  # re-run stages even if cached
+    bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,9 +139,9 @@ def score_pairs(model, pairs, pad_id, micro_batch, autocast):
 
 def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
     """examples: dicts with "c", "r" (encoded texts), "p" (target: P(c better)) and "y_gt" (1.0 if c is the
-    ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0)."""
+    ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0). Returns the steps."""
     device = model.head.weight.device
-    lengths = [len(e["c"][0]) + len(e["r"][0]) for e in examples]
+    lengths = [max(len(e["c"][0]), len(e["r"][0])) for e in examples]  # a micro-batch pads to its longest text
     steps = [s for epoch in range(args.epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, device)
@@ -182,6 +187,7 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} loss {loss:.4f} acc {acc:.3f} "
                        f"margin {margin:.3f} grad_norm {float(grad_norm):.3f} lr {lr:.2e}")
     log.close()
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,8 +220,27 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     return summary
 
 
+def bench(args):
+    """make bench: one epoch of reward-model training on common's fixed workload, timed."""
+    args = dataclasses.replace(args, epochs=1)
+    pairs, path = common.bench_setup(args)
+    device, autocast = common.device_and_autocast()
+    tok = common.load_tokenizer(path)
+    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt))
+    examples = [{"c": c, "r": r, "p": 1.0, "y_gt": 1.0} for c, r in common.encode_pairs(tok, pairs, args.max_len, eos=False)]
+    t0 = time.perf_counter()
+    steps = train(model, examples, tok.pad_token_id, args, Path(tempfile.mkdtemp()), autocast, 0.0, "bench rm")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    real, computed = common.padded_tokens(steps, [(len(e["c"][0]), len(e["r"][0])) for e in examples])
+    return common.bench_report("rm", model, seconds, len(examples), real, computed)
+
+
 def main(argv=None):
     args = common.parse_args(Args, argv)
+    if args.bench:
+        return bench(args)
     exp = common.Experiment(args, "rm")
     stages = {}
     stages["weak"] = exp.stage("weak", lambda d, *data: run_model(d, exp.weak, exp.weak_len, *data, args, 0.0))

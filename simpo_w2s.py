@@ -23,8 +23,12 @@ Run:
   make simpo STRONG=gpt2-xl WEAK=gpt2
   python simpo_w2s.py --weak gpt2 --strong gpt2-medium --data hh --settings none,explicit
 """
+import dataclasses
 import json
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +77,7 @@ class Args:
     out_dir: str = "runs"  # run folders go here
     log_every: int = 10  # optimizer steps between log lines
     force: bool = False  # re-run stages even if cached
+    bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,9 +109,9 @@ def simpo_conflict_loss(pi_c, pi_r, gt_agree, beta, gamma):
 
 def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, args, log_path, autocast, desc):
     """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over
-    `examples`. `size(example)` is the loss's unit count (1 per pair for SimPO, response tokens for SFT)."""
+    `examples`; returns the steps. `size(example)` is the loss's unit count (1 per pair for SimPO, response tokens for SFT)."""
     device = next(model.parameters()).device
-    lengths = [sum(len(s[0]) for s in e["seqs"]) for e in examples]
+    lengths = [max(len(s[0]) for s in e["seqs"]) for e in examples]  # a micro-batch pads to its longest text
     steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), lr_max, args.weight_decay, device)
@@ -142,6 +147,7 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
     log.close()
+    return steps
 
 
 def forward_logps(model, seqs, pad_id):
@@ -217,8 +223,29 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     return summary
 
 
+def bench(args):
+    """make bench: one epoch of SimPO on common's fixed workload, timed (the SFT warm start is not included)."""
+    args = dataclasses.replace(args, epochs=1)
+    pairs, path = common.bench_setup(args)
+    device, autocast = common.device_and_autocast()
+    tok = common.load_tokenizer(path)
+    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt)
+    encoded = common.encode_pairs(tok, pairs, args.max_len)
+    examples = [{"seqs": [c, r], "gt_agree": True} for c, r in encoded]
+    t0 = time.perf_counter()
+    steps = train(model, examples, simpo_batch_loss(model, tok.pad_token_id, args.beta, args.gamma, 0.0), lambda e: 1,
+                  tok.pad_token_id, args.lr, 1, "cosine", args, Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "bench simpo")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    real, computed = common.padded_tokens(steps, [(len(c[0]), len(r[0])) for c, r in encoded])
+    return common.bench_report("simpo", model, seconds, len(examples), real, computed)
+
+
 def main(argv=None):
     args = common.parse_args(Args, argv)
+    if args.bench:
+        return bench(args)
     exp = common.Experiment(args, "simpo")
     stages = {}
     stages["weak"] = exp.stage("weak", lambda d, *data: run_model(d, exp.weak, exp.weak_len, *data, args, 0.0))

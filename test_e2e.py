@@ -459,3 +459,80 @@ def test_simpo_conf_threshold_keeping_nothing_exits(simpo_labelled):
         simpo_w2s.main(simpo_labelled["argv"] + ["--conf_threshold", repr(threshold)])
     message = str(exit_info.value)
     assert "no labelled pair" in message and "--conf_threshold" in message and f"{top:.3f}" in message, message
+
+
+# ---- the toy testbed (make demo)
+
+def test_toy_generator_facts_match_tokenization(tmp_path):
+    """Each toy word is one token and TOY_TAIL_TOKENS follow the request, so `toy_visible` (the generator's own
+    per-pair record) says exactly whether the cue survives the weak model's left truncation."""
+    pools = common.make_toy_pairs({"gt": 300, "w2s": 300, "test": 300}, 100, seed=3)
+    again = common.make_toy_pairs({"gt": 300, "w2s": 300, "test": 300}, 100, seed=3)
+    assert pools == again, "the toy data must be deterministic from the seed"
+    texts = [t for s in ("gt", "w2s", "test") for p in pools[s] for t in (p["chosen"], p["rejected"])]
+    tok = common.load_tokenizer(common.build_tiny("tiny:1x32", texts, tmp_path, seed=0))
+    test = pools["test"]
+    assert 0.4 < sum(p["harmful"] for p in test) / len(test) < 0.6
+    assert all(p["chosen"].endswith(common.TOY_REFUSE if p["harmful"] else common.TOY_COMPLY) for p in test)
+    assert all(p["chosen"].endswith(common.TOY_COMPLY) for p in pools["extra"]), "helpful answers comply"
+    assert any(p["harmful"] for p in pools["extra"]), "the conflict: some helpful pairs comply with harm"
+    for eos, weak_max_len in ((False, 13), (True, 14)):
+        enc = common.encode_texts(tok, [p["chosen"] for p in test], weak_max_len, eos=eos)
+        cue_words = set(common.TOY_HARMFUL + common.TOY_HARMLESS)
+        for p, (ids, _) in zip(test, enc):
+            seen = {tok.decode([i]).strip() for i in ids} & cue_words
+            assert bool(seen) == common.toy_visible(p, weak_max_len, eos), (p, tok.convert_ids_to_tokens(ids))
+        visible = sum(common.toy_visible(p, weak_max_len, eos) for p in test) / len(test)
+        assert abs(visible - 8 / 25) < 0.07, "the weak model sees the last 8 of 25 words"
+
+
+def test_toy_knowledge_areas_match_the_generator(tmp_path):
+    """DS is correct by construction. On the toy task the generator knows which test pairs the weak model
+    cannot see (cue outside its last 8 words); the strong model sees everything. The report's areas must
+    agree with that truth up to the models' own errors:
+      - visible pairs are weak-known up to the weak ceiling's error on them (tolerance 0.05: it learns the
+        visible cue to >= 95% when training converges, as measured on several seeds);
+      - on invisible pairs the weak ceiling can only guess: accuracy 0.5 +- 0.1 (about 4 binomial standard
+        deviations at ~1000 pairs, plus a small learnt bias towards one answer);
+      - the strong ceiling errs on at most 5% of pairs, so weak-unknown & strong-known is the invisible pairs
+        the weak model guessed wrong, within that 5%."""
+    n = 1500
+    results = rm_w2s.main(["--data", "toy", "--n_gt", str(n), "--n_w2s", "200", "--n_test", str(n), "--n_extra", "0",
+                           "--weak", "tiny:1x32", "--strong", "tiny:2x64", "--weak_max_len", "13", "--lr", "2e-3",
+                           "--epochs", "4", "--settings", "none", "--out_dir", str(tmp_path), "--log_every", "1000"])
+    root = next(tmp_path.glob("rm-toy-*"))
+    test = common.make_toy_pairs({"gt": n, "w2s": 200, "test": n}, 0, seed=0)["test"]
+    weak = [r["correct"] for r in read_jsonl(root / "weak" / "predictions.jsonl")]
+    strong = [r["correct"] for r in read_jsonl(root / "strong" / "predictions.jsonl")]
+    visible = [common.toy_visible(p, 13, eos=False) for p in test]
+    n_vis = sum(visible)
+    weak_err_visible = sum(v and not w for v, w in zip(visible, weak)) / n_vis
+    weak_acc_hidden = sum(w for v, w in zip(visible, weak) if not v) / (n - n_vis)
+    strong_err = 1 - sum(strong) / n
+    print(f"visible {n_vis}/{n}; weak error on visible {weak_err_visible:.3f}, weak accuracy on hidden "
+          f"{weak_acc_hidden:.3f}; strong error {strong_err:.3f}")
+    assert weak_err_visible <= 0.05
+    assert abs(weak_acc_hidden - 0.5) <= 0.1
+    assert strong_err <= 0.05
+    areas = results["students"]["none"]["areas"]
+    truth_wu_sk = sum(not v and not w for v, w in zip(visible, weak))  # hidden and guessed wrong
+    assert abs(areas["weak-unknown & strong-known"]["n"] - truth_wu_sk) <= 0.05 * n
+    assert areas["weak-known & strong-known"]["n"] + areas["weak-known & strong-unknown"]["n"] >= (1 - 0.05) * n_vis
+
+
+def test_reduced_make_demo(tmp_path):
+    """`make demo` end to end on fewer pairs and a shorter pretraining: three reports, printed in order."""
+    import subprocess
+    import sys
+    out = subprocess.run(["make", "demo", f"PY={sys.executable}", "DEMO_N=96", "DEMO_N_RM=96", "DEMO_STRONG=tiny:2x64+pt20",
+                          f"DEMO_DIR={tmp_path}", "ARGS=--batch_size 16 --micro_batch 8"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=Path(__file__).resolve().parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tail = out.stdout[out.stdout.index("# Reward modeling"):]
+    assert tail.index("# Reward modeling") < tail.index("# DPO") < tail.index("# SimPO")
+    for method in ("rm", "dpo", "simpo"):
+        root = next(tmp_path.glob(f"{method}-toy-*-s0"))
+        results = json.loads((root / "results.json").read_text())
+        assert set(results["students"]) == {"none", "implicit", "explicit"}
+        assert "ΔDS" in (root / "report.md").read_text()

@@ -1033,3 +1033,50 @@ def test_dpo_train_starts_at_log2(tiny, tmp_path, monkeypatch):
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert row[key] == pytest.approx(0.0, abs=1e-5)
         assert {"rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr"} <= row.keys()
+
+
+# ---- length-grouped batching (issue 5)
+
+def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tiny):
+    """Same weights: the per-pair losses over one epoch's micro-batches, and the evaluation margins, do not depend
+    on how pairs are grouped into micro-batches (length-grouped or arrival order) nor on the evaluation's
+    length-sorted order."""
+    tok, model = reward_model(tiny)
+    model.eval()
+    examples = encoded_examples(tok, 24, seed=5)
+    lengths = [max(len(e["c"][0]), len(e["r"][0])) for e in examples]
+
+    def per_pair_losses(group):
+        out = {}
+        with torch.no_grad():
+            for step in common.make_batches(lengths, 8, 4, seed=1, group_by_length=group):
+                for mb in step:
+                    batch = [examples[i] for i in mb]
+                    ids, attn, _ = common.collate([e["c"] for e in batch] + [e["r"] for e in batch], tok.pad_token_id, CPU)
+                    rewards = model(ids, attn)
+                    p = torch.tensor([e["p"] for e in batch])
+                    losses = rm_w2s.soft_label_loss(rewards[:len(mb)], rewards[len(mb):], p)
+                    out.update(zip(mb, losses.tolist()))
+        return out
+
+    grouped, ungrouped = per_pair_losses(True), per_pair_losses(False)
+    assert sorted(grouped) == sorted(ungrouped) == list(range(len(examples)))
+    for i in grouped:
+        assert grouped[i] == pytest.approx(ungrouped[i], abs=1e-5)
+    pairs = [(e["c"], e["r"]) for e in examples]
+    batched = rm_w2s.score_pairs(model, pairs, tok.pad_token_id, 4, contextlib.nullcontext)
+    alone = rm_w2s.score_pairs(model, pairs, tok.pad_token_id, 1, contextlib.nullcontext)
+    assert batched == pytest.approx(alone, abs=1e-5)
+    # and the same for the policy log-probs that DPO and SimPO compare
+    tok, lm = causal_lm(tiny)
+    batched = common.pair_logps(lm, pairs, tok.pad_token_id, 4, contextlib.nullcontext)
+    alone = common.pair_logps(lm, pairs, tok.pad_token_id, 1, contextlib.nullcontext)
+    for (bc, br), (ac, ar) in zip(batched, alone):
+        assert bc[0] == pytest.approx(ac[0], abs=1e-4) and br[0] == pytest.approx(ar[0], abs=1e-4)
+        assert (bc[1], br[1]) == (ac[1], ar[1])
+
+
+def test_padded_tokens_counts_padding():
+    steps = [[[0, 1]], [[2]]]
+    real, computed = common.padded_tokens(steps, [(3, 5), (2, 2), (4, 1)])
+    assert (real, computed) == (3 + 5 + 2 + 2 + 4 + 1, 4 * 5 + 2 * 4)

@@ -477,6 +477,28 @@ def length_sorted_chunks(lengths, size):
     return [order[j: j + size] for j in range(0, len(order), size)]
 
 
+def forward_logps(model, seqs, pad_id):
+    """Summed response log-probs (N,) and response token counts (N,) of encoded sequences, one forward."""
+    ids, attn, resp = collate(seqs, pad_id, next(model.parameters()).device)
+    logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
+    return sequence_logps(logits, ids, resp)
+
+
+def sft_loss(model, pad_id):
+    """The SFT warm start of DPO and SimPO: summed NLL of the response tokens of {"seqs": [seq]} examples (the
+    training loop divides by the response tokens of the whole step: a mean token NLL)."""
+    def batch_loss(batch):
+        logps, _ = forward_logps(model, [e["seqs"][0] for e in batch], pad_id)  # (B,)
+        return -logps.sum(), {}
+    return batch_loss
+
+
+def response_tokens(example):
+    """The SFT loss's unit count of a {"seqs": [(ids, n_prompt)]} example."""
+    ids, n_prompt = example["seqs"][0]
+    return len(ids) - n_prompt
+
+
 @torch.no_grad()
 def pair_logps(model, pairs, pad_id, micro_batch, autocast):
     """Evaluation of a causal LM on encoded pairs: [((sum_c, n_c), (sum_r, n_r)), ...] in their order, the
@@ -722,6 +744,24 @@ class Experiment:
         if setting == "implicit":  # ground-truth helpfulness pairs, shuffled in by the batching
             pairs, targets = pairs + self.splits["extra"], targets + [1.0] * len(self.splits["extra"])
         return pairs, targets
+
+    def run(self, run_model, title, extra_metrics=()):
+        """The experiment, in order: weak ceiling -> strong ceiling -> (intermediate) -> students -> report.
+        run_model(stage_dir, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha) is the
+        method's own "train a fresh model and predict"; it returns the stage summary."""
+        a = self.args
+        stages = {}
+        stages["weak"] = self.stage("weak", lambda d, *data: run_model(d, self.weak, self.weak_len, *data, a, 0.0))
+        stages["strong"] = self.stage("strong", lambda d, *data: run_model(d, self.strong, a.max_len, *data, a, 0.0))
+        labeller = stages["weak"]
+        if self.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
+            labeller = stages["intermediate"] = self.stage("intermediate", lambda d, *data: run_model(
+                d, self.intermediate, a.max_len, *data, a, 0.0), labeller=labeller)
+        for setting in self.settings:
+            alpha = a.alpha if setting == "explicit" else 0.0  # only the explicit student sees ground truth
+            stages[f"student-{setting}"] = self.stage(setting, lambda d, *data: run_model(
+                d, self.strong, a.max_len, *data, a, alpha), labeller=labeller)
+        return self.report(stages, title, extra_metrics)
 
     def report(self, stages, title, extra_metrics=()):
         results = build_results(stages, self.args, self.data_stats, extra_metrics)

@@ -149,25 +149,10 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
     return steps
 
 
-def forward_logps(model, seqs, pad_id):
-    """Summed response log-probs (N,) of encoded sequences in one forward pass."""
-    ids, attn, resp = common.collate(seqs, pad_id, next(model.parameters()).device)
-    logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
-    return common.sequence_logps(logits, ids, resp)[0]
-
-
-def sft_loss(model, pad_id):
-    """Mean token NLL over response tokens (the caller divides the sum by the step's response tokens)."""
-    def batch_loss(batch):
-        logps = forward_logps(model, [e["seqs"][0] for e in batch], pad_id)  # (B,)
-        return -logps.sum(), {}
-    return batch_loss
-
-
 def dpo_batch_loss(model, pad_id, beta, alpha):
     def batch_loss(batch):
         B = len(batch)
-        logps = forward_logps(model, [e["seqs"][0] for e in batch] + [e["seqs"][1] for e in batch], pad_id)  # (2B,)
+        logps, _ = common.forward_logps(model, [e["seqs"][0] for e in batch] + [e["seqs"][1] for e in batch], pad_id)  # (2B,)
         pi_c, pi_r = logps[:B], logps[B:]
         ref_c, ref_r = torch.tensor([e["ref"] for e in batch], device=logps.device).T  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
@@ -201,7 +186,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
 
     sft = [{"seqs": [c]} for c, _ in pairs]  # SFT on the responses its labeller prefers
     if args.sft_epochs:
-        train(model, sft, sft_loss(model, pad), lambda e: len(e["seqs"][0][0]) - e["seqs"][0][1], pad,
+        train(model, sft, common.sft_loss(model, pad), common.response_tokens, pad,
               args.sft_lr, args.sft_epochs, "cosine", args, stage_dir / "sft_metrics.jsonl", autocast,
               f"{stage_dir.name} sft")
     # The reference is the SFT model, frozen: its log-probs are computed once per dataset here, before DPO
@@ -259,19 +244,7 @@ def main(argv=None):
     args = common.parse_args(Args, argv)
     if args.bench:
         return bench(args)
-    exp = common.Experiment(args, "dpo")
-    stages = {}
-    stages["weak"] = exp.stage("weak", lambda d, *data: run_model(d, exp.weak, exp.weak_len, *data, args, 0.0))
-    stages["strong"] = exp.stage("strong", lambda d, *data: run_model(d, exp.strong, args.max_len, *data, args, 0.0))
-    labeller = stages["weak"]
-    if args.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
-        labeller = stages["intermediate"] = exp.stage("intermediate", lambda d, *data: run_model(
-            d, exp.intermediate, args.max_len, *data, args, 0.0), labeller=labeller)
-    for setting in exp.settings:
-        alpha = args.alpha if setting == "explicit" else 0.0
-        stages[f"student-{setting}"] = exp.stage(setting, lambda d, *data: run_model(
-            d, exp.strong, args.max_len, *data, args, alpha), labeller=labeller)
-    return exp.report(stages, "DPO", extra_metrics=("implicit_accuracy",))
+    return common.Experiment(args, "dpo").run(run_model, "DPO", extra_metrics=("implicit_accuracy",))
 
 
 if __name__ == "__main__":

@@ -241,19 +241,7 @@ def main(argv=None):
     args = common.parse_args(Args, argv)
     if args.bench:
         return bench(args)
-    exp = common.Experiment(args, "rm")
-    stages = {}
-    stages["weak"] = exp.stage("weak", lambda d, *data: run_model(d, exp.weak, exp.weak_len, *data, args, 0.0))
-    stages["strong"] = exp.stage("strong", lambda d, *data: run_model(d, exp.strong, args.max_len, *data, args, 0.0))
-    labeller = stages["weak"]
-    if args.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
-        labeller = stages["intermediate"] = exp.stage("intermediate", lambda d, *data: run_model(
-            d, exp.intermediate, args.max_len, *data, args, 0.0), labeller=labeller)
-    for setting in exp.settings:
-        alpha = args.alpha if setting == "explicit" else 0.0
-        stages[f"student-{setting}"] = exp.stage(setting, lambda d, *data: run_model(
-            d, exp.strong, args.max_len, *data, args, alpha), labeller=labeller)
-    return exp.report(stages, "Reward modeling")
+    return common.Experiment(args, "rm").run(run_model, "Reward modeling")
 
 
 if __name__ == "__main__":

@@ -699,13 +699,11 @@ def test_sequence_logps_batched_equals_unbatched(tiny):
     with torch.no_grad():
         alone = [common.sequence_logps(model(input_ids=torch.tensor([s])).logits, torch.tensor([s]),
                                        common.collate([(s, n)], tok.pad_token_id, CPU)[2]) for s, n in seqs]
-        batched, counts = simpo_w2s.forward_logps(model, seqs, tok.pad_token_id)  # right-padded to the longest
-        dpo_sums = dpo_w2s.forward_logps(model, seqs, tok.pad_token_id)
+        batched, counts = common.forward_logps(model, seqs, tok.pad_token_id)  # right-padded to the longest
     pairs = common.pair_logps(model, list(zip(seqs[0::2], seqs[1::2])), tok.pad_token_id, 1, contextlib.nullcontext)
     evaluated = [x for pair in pairs for x in pair]
     for i, (s_alone, n_alone) in enumerate(alone):
         assert batched[i].item() == pytest.approx(s_alone.item(), abs=1e-4)
-        assert dpo_sums[i].item() == pytest.approx(s_alone.item(), abs=1e-4)
         assert evaluated[i][0] == pytest.approx(s_alone.item(), abs=1e-4)
         assert counts[i].item() == evaluated[i][1] == n_alone.item()
 
@@ -967,7 +965,7 @@ def po_objective(module, objective, model, pad_id, alpha):
     """(batch_loss, size) as run_model passes them to train: the method's loss (1 unit per pair) or SFT's
     (1 unit per response token)."""
     if objective == "sft":
-        return module.sft_loss(model, pad_id), lambda e: len(e["seqs"][0][0]) - e["seqs"][0][1]
+        return common.sft_loss(model, pad_id), common.response_tokens
     if module is dpo_w2s:
         return dpo_w2s.dpo_batch_loss(model, pad_id, 0.1, alpha), lambda e: 1
     return simpo_w2s.simpo_batch_loss(model, pad_id, 2.0, 1.0, alpha), lambda e: 1
@@ -1008,7 +1006,7 @@ def test_po_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_p
     for micro in (4, 2):
         for a, b in zip(recorded[micro], recorded[8]):
             assert_grads_close(a, b)
-    lengths = [sum(len(s[0]) for s in e["seqs"]) for e in examples]
+    lengths = [max(len(s[0]) for s in e["seqs"]) for e in examples]  # as train() groups them
     for step, got in zip(common.make_batches(lengths, 8, 8, seed=0), recorded[8]):
         model = copy.deepcopy(base)
         batch_loss, size = po_objective(module, objective, model, pad, 0.5)

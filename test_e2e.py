@@ -536,3 +536,12 @@ def test_reduced_make_demo(tmp_path):
         results = json.loads((root / "results.json").read_text())
         assert set(results["students"]) == {"none", "implicit", "explicit"}
         assert "ΔDS" in (root / "report.md").read_text()
+
+
+def test_bench_reports_throughput(data_dir, tmp_path):
+    """`make bench`'s reward-model line on the fixed workload: every number present and sane (that grouping
+    pads less is test_losses.py's make_batches test)."""
+    row = rm_w2s.main(["--bench", "--data", str(data_dir), "--out_dir", str(tmp_path)])
+    assert row["pairs_per_s"] > 0 and row["real_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
+    assert 0 <= row["padding_share"] < 0.5
+    assert 3.5e6 < row["params"] < 4.5e6, "a 4-layer GPT-2 of width 256 with a 2048-token vocabulary"

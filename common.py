@@ -35,6 +35,9 @@ def parse_args(cls, argv=None):
     Unknown keys are an error, values are cast to the field's type, `--no_flag` sets a bool to False."""
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        raise SystemExit(0)
     values, i = {}, 0
     while i < len(argv):
         token = argv[i]
@@ -68,6 +71,15 @@ def parse_args(cls, argv=None):
                 raise SystemExit(f"error: --{key} expects {getattr(cast, '__name__', cast)}, got {value!r}")
         i += 1
     return cls(**values)
+
+
+def print_help(cls):
+    """Every option of `cls` with its default and the comment beside it in the source."""
+    import inspect
+    comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    print("options (--key value; a bool is set by --key and unset by --no_key):")
+    for f in dataclasses.fields(cls):
+        print(f"  --{f.name:<18} {f.default!r:<28} {comments.get(f.name, '')}")
 
 
 def seed_everything(seed):

@@ -1078,3 +1078,13 @@ def test_padded_tokens_counts_padding():
     steps = [[[0, 1]], [[2]]]
     real, computed = common.padded_tokens(steps, [(3, 5), (2, 2), (4, 1)])
     assert (real, computed) == (3 + 5 + 2 + 2 + 4 + 1, 4 * 5 + 2 * 4)
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(rm_w2s.Args, ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(rm_w2s.Args):
+        assert f"--{f.name} " in out
+    assert "weight of the explicit-conflict term" in out

@@ -194,7 +194,7 @@ def load_splits(args):
         elif args.helpful:
             extra, stats["dropped"]["helpful_source"] = filter_single_turn(read_jsonl(args.helpful))
         elif os.path.isdir(args.data) and (Path(args.data) / "helpful_train.jsonl").exists():
-            extra = read_jsonl(Path(args.data) / "helpful_train.jsonl")
+            extra, stats["dropped"]["helpful_source"] = filter_single_turn(read_jsonl(Path(args.data) / "helpful_train.jsonl"))
         else:
             extra, stats["dropped"]["helpful_source"] = filter_single_turn(load_hub_hh("helpful-base"))
             random.Random(args.seed).shuffle(extra)
@@ -723,6 +723,8 @@ class Experiment:
         self.strong = resolve_model(args.strong, self.splits, args)
         self.intermediate = resolve_model(args.intermediate, self.splits, args) if args.intermediate else None
         self.weak_len = args.weak_max_len or args.max_len
+        texts = [t for s in self.splits.values() for p in s for t in (p["chosen"], p["rejected"])]
+        self.data_digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]  # files edited in place
 
     def stage(self, name, fn, labeller=None):
         """Run, or load from its cache, the stage `name` (weak, strong, intermediate or a setting):
@@ -733,7 +735,7 @@ class Experiment:
         else:
             pairs, targets = self.student_data("none" if name == "intermediate" else name, labeller)
         key = stage_key(self.args, name, labeller=labeller and labeller["key"],
-                        models=[self.weak, self.strong, self.intermediate])
+                        models=[self.weak, self.strong, self.intermediate], data=self.data_digest)
         folder = name if name in ("weak", "strong", "intermediate") else f"student-{name}"
         return cached_stage(self.root, folder, key, lambda d: {
             **fn(d, pairs, targets, self.splits["test"], self.splits.get(label_split)),

@@ -59,7 +59,7 @@ class Args:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
-    group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: arrival order)
+    group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     # method
     beta: float = 0.1  # DPO's KL weight
     settings: str = "none,implicit,explicit"  # which students to train

@@ -64,7 +64,7 @@ class Args:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
-    group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: arrival order)
+    group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     # method
     beta: float = 2.0  # SimPO's reward scale
     gamma: float = 1.0  # SimPO's absolute target margin (= beta * gamma_beta_ratio)

@@ -545,3 +545,19 @@ def test_bench_reports_throughput(data_dir, tmp_path):
     assert row["pairs_per_s"] > 0 and row["real_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
     assert 0 <= row["padding_share"] < 0.5
     assert 3.5e6 < row["params"] < 4.5e6, "a 4-layer GPT-2 of width 256 with a 2048-token vocabulary"
+
+
+def test_cache_key_follows_the_data_files(data_dir, tmp_path, capsys):
+    """PITFALLS 17: a data file edited in place (same path, same options) must not reuse the cached stages."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    args = ["--data", str(data), "--n_gt", "16", "--n_w2s", "16", "--n_test", "16", "--n_extra", "0",
+            "--weak", "tiny:1x32", "--strong", "tiny:1x32", "--settings", "none", "--out_dir", str(tmp_path / "runs"),
+            "--batch_size", "8", "--micro_batch", "8"]
+    rm_w2s.main(args)
+    rm_w2s.main(args)
+    assert capsys.readouterr().out.count("cached in") == 3
+    rows = (data / "harmless_test.jsonl").read_text().splitlines()
+    (data / "harmless_test.jsonl").write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same texts, new order
+    rm_w2s.main(args)
+    assert "cached in" not in capsys.readouterr().out

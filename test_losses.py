@@ -1037,7 +1037,7 @@ def test_dpo_train_starts_at_log2(tiny, tmp_path, monkeypatch):
 
 def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tiny):
     """Same weights: the per-pair losses over one epoch's micro-batches, and the evaluation margins, do not depend
-    on how pairs are grouped into micro-batches (length-grouped or arrival order) nor on the evaluation's
+    on how pairs are grouped into micro-batches (length-grouped or shuffled only) nor on the evaluation's
     length-sorted order."""
     tok, model = reward_model(tiny)
     model.eval()

@@ -485,10 +485,18 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
     return [[step[j: j + micro_batch] for j in range(0, len(step), micro_batch)] for step in steps]
 
 
-def length_sorted_chunks(lengths, size):
-    """Evaluation batches: indices sorted by length, in chunks of `size` (callers restore the order)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[j: j + size] for j in range(0, len(order), size)]
+def score_by_length(pairs, pad_id, micro_batch, device, score):
+    """Evaluation of encoded pairs: each text alone, batched by length (little padding), in chunks of
+    2 * micro_batch texts. score(input_ids, attention_mask, response_mask) -> one value per row.
+    Returns [(value_chosen, value_rejected), ...] in the pairs' order."""
+    seqs = [s for pair in pairs for s in pair]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    out = [None] * len(seqs)
+    for j in range(0, len(order), 2 * micro_batch):
+        chunk = order[j: j + 2 * micro_batch]
+        for i, value in zip(chunk, score(*collate([seqs[i] for i in chunk], pad_id, device))):
+            out[i] = value
+    return list(zip(out[0::2], out[1::2]))
 
 
 def forward_logps(model, seqs, pad_id):
@@ -517,17 +525,12 @@ def response_tokens(example):
 def pair_logps(model, pairs, pad_id, micro_batch, autocast):
     """Evaluation of a causal LM on encoded pairs: [((sum_c, n_c), (sum_r, n_r)), ...] in their order, the
     summed response log-probs and response token counts. Texts go alone, batched by length."""
-    seqs = [s for pair in pairs for s in pair]
-    out = [None] * len(seqs)
-    device = next(model.parameters()).device
-    for chunk in length_sorted_chunks([len(ids) for ids, _ in seqs], 2 * micro_batch):
-        ids, attn, resp = collate([seqs[i] for i in chunk], pad_id, device)
+    def score(ids, attn, resp):
         with autocast():
             logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
         sums, counts = sequence_logps(logits, ids, resp)
-        for i, s, n in zip(chunk, sums.tolist(), counts.tolist()):
-            out[i] = (s, n)
-    return list(zip(out[0::2], out[1::2]))
+        return list(zip(sums.tolist(), counts.tolist()))
+    return score_by_length(pairs, pad_id, micro_batch, next(model.parameters()).device, score)
 
 
 def orient(pairs, targets):

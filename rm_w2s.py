@@ -123,15 +123,10 @@ class RewardModel(nn.Module):
 def score_pairs(model, pairs, pad_id, micro_batch, autocast):
     """Margins r(chosen) - r(rejected) of encoded pairs, in their order. Texts are scored alone, batched by
     length, so evaluation pads little."""
-    seqs = [s for pair in pairs for s in pair]
-    rewards = [0.0] * len(seqs)
-    for chunk in common.length_sorted_chunks([len(ids) for ids, _ in seqs], 2 * micro_batch):
-        ids, attn, _ = common.collate([seqs[i] for i in chunk], pad_id, model.head.weight.device)
+    def score(ids, attn, _):
         with autocast():
-            out = model(ids, attn).tolist()
-        for i, r in zip(chunk, out):
-            rewards[i] = r
-    return [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(pairs))]
+            return model(ids, attn).tolist()
+    return [c - r for c, r in common.score_by_length(pairs, pad_id, micro_batch, model.head.weight.device, score)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -133,6 +133,27 @@ def test_main_returns_the_results_dict(full_run):
     assert json.loads(json.dumps(returned)) == full_run["results"]
 
 
+N_TRAIN = {"weak": N_GT, "strong": N_GT, "student-none": N_W2S, "student-implicit": N_W2S + N_EXTRA,
+           "student-explicit": N_W2S}
+
+
+def checked_stages(root, results):
+    """The checks every full run shares (split sizes, stage folders, summaries, predictions); yields
+    (stage, folder, summary, predictions) for the method's own checks."""
+    data = results["data"]
+    assert (data["n_gt"], data["n_w2s"], data["n_test"], data["n_extra"]) == (N_GT, N_W2S, N_TEST, N_EXTRA)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(STAGES)
+    for stage in STAGES:
+        d = root / stage
+        summary = json.loads((d / "stage.json").read_text())
+        assert summary["key"] and summary["n"] == N_TEST and summary["n_train"] == N_TRAIN[stage]
+        assert results["models"][stage]["n_train"] == N_TRAIN[stage]
+        preds = read_jsonl(d / "predictions.jsonl")
+        assert [r["index"] for r in preds] == list(range(N_TEST))
+        assert all(r["correct"] == (r["margin"] > 0) for r in preds)
+        yield stage, d, summary, preds
+
+
 def test_full_run_writes_every_file(full_run):
     root, results = full_run["root"], full_run["results"]
     config = json.loads((root / "config.json").read_text())
@@ -142,22 +163,11 @@ def test_full_run_writes_every_file(full_run):
     for setting in ("none", "implicit", "explicit"):
         assert f"| {setting} |" in report and f"| student-{setting} |" in report
 
-    data = results["data"]
-    assert (data["n_gt"], data["n_w2s"], data["n_test"], data["n_extra"]) == (N_GT, N_W2S, N_TEST, N_EXTRA)
-    n_train = {"weak": N_GT, "strong": N_GT, "student-none": N_W2S, "student-implicit": N_W2S + N_EXTRA,
-               "student-explicit": N_W2S}
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(STAGES)
-    for stage in STAGES:
-        d = root / stage
-        summary = json.loads((d / "stage.json").read_text())
-        assert summary["key"] and summary["n"] == N_TEST and summary.get("n_train", n_train[stage]) == n_train[stage]
-        preds = read_jsonl(d / "predictions.jsonl")
-        assert [r["index"] for r in preds] == list(range(N_TEST))
-        assert all(r["correct"] == (r["margin"] > 0) for r in preds)
+    for stage, d, summary, preds in checked_stages(root, results):
         metrics = read_jsonl(d / "metrics.jsonl")
-        assert len(metrics) == math.ceil(n_train[stage] / 16)  # one row per optimizer step, 1 epoch
+        assert len(metrics) == math.ceil(N_TRAIN[stage] / 16)  # one row per optimizer step, 1 epoch
         assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
-        assert metrics[-1]["examples_seen"] == n_train[stage]
+        assert metrics[-1]["examples_seen"] == N_TRAIN[stage]
         assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
         assert (d / "labels.jsonl").exists() == (stage == "weak")  # only the weak ceiling labels (the w2s split)
     labels = read_jsonl(root / "weak" / "labels.jsonl")
@@ -349,19 +359,7 @@ def test_po_full_run_writes_every_file(po_run):
         assert f"| {setting} |" in report and f"| student-{setting} |" in report
     assert ("implicit_accuracy" in report) == (method == "dpo")
 
-    data = results["data"]
-    assert (data["n_gt"], data["n_w2s"], data["n_test"], data["n_extra"]) == (N_GT, N_W2S, N_TEST, N_EXTRA)
-    n_train = {"weak": N_GT, "strong": N_GT, "student-none": N_W2S, "student-implicit": N_W2S + N_EXTRA,
-               "student-explicit": N_W2S}
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(STAGES)
-    for stage in STAGES:
-        d = root / stage
-        summary = json.loads((d / "stage.json").read_text())
-        assert summary["key"] and summary["n"] == N_TEST and summary["n_train"] == n_train[stage]
-        assert results["models"][stage]["n_train"] == n_train[stage]
-        preds = read_jsonl(d / "predictions.jsonl")
-        assert [r["index"] for r in preds] == list(range(N_TEST))
-        assert all(r["correct"] == (r["margin"] > 0) for r in preds)
+    for stage, d, summary, preds in checked_stages(root, results):
         if method == "dpo":  # the implicit reward beta * log(pi / pi_ref): its margin and accuracy
             assert all(r["implicit_correct"] == (r["implicit_margin"] > 0) for r in preds)
             implicit = sum(r["implicit_margin"] > 0 for r in preds) / N_TEST
@@ -371,9 +369,9 @@ def test_po_full_run_writes_every_file(po_run):
             assert "implicit_margin" not in preds[0] and "implicit_accuracy" not in results["models"][stage]
         for log, keys in (("sft_metrics.jsonl", ("loss", "grad_norm", "lr")), ("metrics.jsonl", PO_METRICS)):
             rows = read_jsonl(d / log)
-            assert len(rows) == math.ceil(n_train[stage] / 16), log  # one row per optimizer step, 1 epoch
+            assert len(rows) == math.ceil(N_TRAIN[stage] / 16), log  # one row per optimizer step, 1 epoch
             assert [m["step"] for m in rows] == list(range(1, len(rows) + 1))
-            assert rows[-1]["examples_seen"] == n_train[stage]
+            assert rows[-1]["examples_seen"] == N_TRAIN[stage]
             for row in rows:
                 assert set(keys) <= row.keys(), (log, sorted(row))
                 assert all(math.isfinite(row[k]) for k in keys), (log, row)

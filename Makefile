@@ -5,7 +5,8 @@ WEAK ?= gpt2
 ARGS ?=
 # Pairs per forward pass (gradients accumulate up to the batch of 32): 4 for large / xl models, so that
 # gpt2-xl fits one 80 GB GPU, 8 otherwise.
-MICRO ?= $(if $(filter %large %xl %-1.3b %-2.7b %-6.7b,$(STRONG)),4,8)
+micro = $(if $(filter %large %xl %-1.3b %-2.7b %-6.7b,$(1)),4,8)
+MICRO ?= $(call micro,$(STRONG))
 
 .PHONY: install test rm dpo simpo demo bench
 install:
@@ -41,7 +42,10 @@ demo:
 
 # Throughput of each method's training stage on one fixed workload (common.bench_setup): 256 pairs of the
 # paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch.
+# BENCH_MODEL=gpt2-xl times that model instead (micro-batch 4 for large / xl models, as above).
 BENCH_DATA ?= ../shared/data/hh-single-turn
+BENCH_MODEL ?=
+BENCH_METHODS ?= rm dpo simpo
 bench:
-	@for m in rm dpo simpo; do $(PY) $${m}_w2s.py --bench --data $(BENCH_DATA) --micro_batch 8 --out_dir runs/bench $(ARGS) \
-	  2>&1 | grep '^\[bench\]'; done
+	@for m in $(BENCH_METHODS); do $(PY) $${m}_w2s.py --bench --data $(BENCH_DATA) --micro_batch $(call micro,$(BENCH_MODEL)) \
+	  --out_dir runs/bench $(if $(BENCH_MODEL),--bench_model $(BENCH_MODEL)) $(ARGS) 2>&1 | grep '^\[bench\]'; done

@@ -91,6 +91,10 @@ def device_and_autocast():
     """bf16 autocast on CUDA (fp16 would need a GradScaler and gives NaN in DPO), plain fp32 on CPU."""
     from contextlib import nullcontext
     if torch.cuda.is_available():
+        # cuDNN's attention builds a new plan for every new sequence length (PyTorch PR #155958), and grouped
+        # batches bring many: 1.4 ms of CPU per call made gpt2-xl training CPU-bound on an H100 (README, make
+        # bench). The memory-efficient kernel takes the same masks without it.
+        torch.backends.cuda.enable_cudnn_sdp(False)
         return torch.device("cuda"), lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.device("cpu"), nullcontext
 
@@ -330,9 +334,9 @@ def pretrain_lm(model, tok, texts, steps, seed, batch_size=32, lr=1e-3):
     for step in tqdm(range(steps), desc="pretrain", dynamic_ncols=True):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, 0.05, "cosine")
-        ids, attn, _ = collate([(e, 0) for e in rng.sample(encoded, batch_size)], tok.eos_token_id, "cpu")
-        labels = ids.masked_fill(attn == 0, -100)  # padding is no target
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        inputs, _, _, _ = collate([(e, 0) for e in rng.sample(encoded, batch_size)], tok.eos_token_id, "cpu")
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # padding is no target
+        loss = model(**inputs, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -377,10 +381,11 @@ def load_tokenizer(path):
     return tok
 
 
-def load_model(path, auto_class, tok, device, grad_ckpt=False):
+def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False):
     """Load `path` with `auto_class` (AutoModel for reward models, AutoModelForCausalLM for DPO/SimPO) in
     fp32 master weights, with every dropout probability set to 0 (not model.eval(), which would silently
-    turn gradient checkpointing off in Hugging Face models; PITFALLS 13)."""
+    turn gradient checkpointing off in Hugging Face models; PITFALLS 13). pack: check that the model can
+    take packed pairs (check_packing)."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path)
     for key, value in vars(config).items():
@@ -396,7 +401,10 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False):
     if grad_ckpt:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    return model.to(device)
+    model.to(device)
+    if pack:
+        check_packing(model, tok.pad_token_id)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,31 +438,81 @@ def encode_pairs(tok, pairs, max_len, eos=True):
     return list(zip(enc[0::2], enc[1::2]))
 
 
-def collate(seqs, pad_id, device):
-    """Right-pad (ids, n_prompt) sequences. Returns input_ids, attention_mask and response_mask (N, T):
-    masks come from lengths, never from token values (PITFALLS 1, 2)."""
-    T = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+def collate(seqs, pad_id, device, pack=False):
+    """Right-pad encoded texts (ids, n_prompt) into rows; masks come from lengths, never from token values
+    (PITFALLS 1, 2). pack=False: one text per row. pack=True: texts go two by two into a row (a pair's chosen
+    text, then its rejected one), so a row pads only to the longest pair, not twice to the longest text;
+    positions restart at the second text and the mask is causal and block-diagonal, so neither text sees the
+    other: each gets exactly the outputs it would get alone.
+    Returns (inputs, response_mask, rows, last): the model's keyword arguments (input_ids (R, T); attention_mask
+    (R, T), or (R, 1, T, T) bool with position_ids (R, T) when packed), then per text, in the order given, its
+    response tokens (N, T) within its row, its row (N,) and the position of its last token (N,)."""
+    per_row = 2 if pack else 1
+    groups = [seqs[i: i + per_row] for i in range(0, len(seqs), per_row)]
+    T = max(sum(len(ids) for ids, _ in group) for group in groups)
+    input_ids = torch.full((len(groups), T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    segment = torch.full_like(input_ids, -1)  # which text of its row a token belongs to; -1: padding
     response_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, (ids, n_prompt) in enumerate(seqs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        response_mask[i, n_prompt: len(ids)] = True
-    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+    rows, last = [], []
+    for r, group in enumerate(groups):
+        start = 0
+        for k, (ids, n_prompt) in enumerate(group):
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            segment[r, start:end] = k
+            response_mask[len(rows), start + n_prompt: end] = True
+            rows.append(r)
+            last.append(end - 1)
+            start = end
+    if pack:  # query t sees key s iff s <= t and both belong to the same text (padding is a block of its own)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        inputs = {"attention_mask": ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None],
+                  "position_ids": position_ids}
+    else:
+        inputs = {"attention_mask": (segment >= 0).long()}
+    inputs["input_ids"] = input_ids
+    return ({k: v.to(device) for k, v in inputs.items()}, response_mask.to(device),
+            torch.tensor(rows, device=device), torch.tensor(last, device=device))
 
 
-def sequence_logps(logits, input_ids, response_mask):
-    """Summed log-prob of the response tokens and their count, per sequence.
+def row_lengths(seqs, pack):
+    """The lengths of the rows a training example's texts take in a forward: one row when packed, else a
+    row per text. A micro-batch pads to its longest row."""
+    return [sum(len(ids) for ids, _ in seqs)] if pack else [len(ids) for ids, _ in seqs]
+
+
+@torch.no_grad()
+def check_packing(model, pad_id):
+    """Packing needs a model that honours a 4D attention mask and position_ids (Hugging Face's GPT-2, OPT,
+    Llama, GPT-NeoX, Mistral and Qwen do, with sdpa or eager attention). Check it once: two random texts packed
+    into one row must get the outputs they get alone."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
+    inputs, _, _, _ = collate([(a, 1), (b, 1)], pad_id, device, pack=True)
+    packed = model(**inputs)[0][0]  # (12, H): last hidden states (AutoModel) or logits (causal LM)
+    alone = torch.cat([model(input_ids=torch.tensor([s], device=device))[0][0] for s in (a, b)])
+    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max())):
+        raise SystemExit(f"error: {type(model).__name__} ({model.config._attn_implementation} attention) does not "
+                         "honour the packed attention mask or position_ids: run with --no_pack")
+
+
+def sequence_logps(logits, input_ids, response_mask, rows=None):
+    """Summed log-prob of the response tokens and their count, per text.
 
     logits (N, T, V) at position t predict token t+1, so gather log_softmax(logits[:, :-1]) at
     input_ids[:, 1:] with the mask shifted the same way (PITFALLS 4); the first response token is
-    predicted from the last prompt position and counts. Log-softmax in fp32 (PITFALLS 14).
+    predicted from the last prompt position and counts. Log-softmax in fp32 (PITFALLS 14). With packed
+    rows (collate(pack=True)), rows (N,) says which row of the R rows each text sits in.
     Returns (logps_sum (N,), n_tokens (N,))."""
-    logits = logits[:, :-1].float()  # (N, T-1, V)
-    labels = input_ids[:, 1:].unsqueeze(-1)  # (N, T-1, 1)
+    logits = logits[:, :-1].float()  # (R, T-1, V)
+    labels = input_ids[:, 1:].unsqueeze(-1)  # (R, T-1, 1)
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels).squeeze(-1)  # (R, T-1)
+    if rows is not None:
+        token_logps = token_logps[rows]  # (N, T-1)
     mask = response_mask[:, 1:]  # (N, T-1)
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels).squeeze(-1)  # (N, T-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
@@ -487,7 +545,8 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
 
 def score_by_length(pairs, pad_id, micro_batch, device, score):
     """Evaluation of encoded pairs: each text alone, batched by length (little padding), in chunks of
-    2 * micro_batch texts. score(input_ids, attention_mask, response_mask) -> one value per row.
+    2 * micro_batch texts. score(inputs, response_mask, rows, last) (collate's outputs, a row per text) -> one
+    value per text.
     Returns [(value_chosen, value_rejected), ...] in the pairs' order."""
     seqs = [s for pair in pairs for s in pair]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
@@ -499,11 +558,12 @@ def score_by_length(pairs, pad_id, micro_batch, device, score):
     return list(zip(out[0::2], out[1::2]))
 
 
-def forward_logps(model, seqs, pad_id):
-    """Summed response log-probs (N,) and response token counts (N,) of encoded sequences, one forward."""
-    ids, attn, resp = collate(seqs, pad_id, next(model.parameters()).device)
-    logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
-    return sequence_logps(logits, ids, resp)
+def forward_logps(model, seqs, pad_id, pack=False):
+    """Summed response log-probs (N,) and response token counts (N,) of encoded texts, in one forward;
+    pack=True puts them two by two into a row (a pair's chosen and rejected texts)."""
+    inputs, resp, rows, _ = collate(seqs, pad_id, next(model.parameters()).device, pack)
+    logits = model(**inputs).logits  # (R, T, V)
+    return sequence_logps(logits, inputs["input_ids"], resp, rows)
 
 
 def sft_loss(model, pad_id):
@@ -525,10 +585,10 @@ def response_tokens(example):
 def pair_logps(model, pairs, pad_id, micro_batch, autocast):
     """Evaluation of a causal LM on encoded pairs: [((sum_c, n_c), (sum_r, n_r)), ...] in their order, the
     summed response log-probs and response token counts. Texts go alone, batched by length."""
-    def score(ids, attn, resp):
+    def score(inputs, resp, rows, last):
         with autocast():
-            logits = model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
-        sums, counts = sequence_logps(logits, ids, resp)
+            logits = model(**inputs).logits  # (N, T, V)
+        sums, counts = sequence_logps(logits, inputs["input_ids"], resp)
         return list(zip(sums.tolist(), counts.tolist()))
     return score_by_length(pairs, pad_id, micro_batch, next(model.parameters()).device, score)
 
@@ -798,7 +858,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 
 def bench_setup(args):
     """The benchmark workload: the first 256 pairs of the paper's gt file (synthetic HH-like pairs of a
-    similar length distribution where it is absent), a GPT-2 of 4 layers, width 256, BPE vocabulary 2048."""
+    similar length distribution where it is absent) and a GPT-2 of 4 layers, width 256, BPE vocabulary 2048
+    built on them (or --bench_model)."""
     path = Path(args.data) / "harmless_train_gt.jsonl"
     if path.exists():
         pairs = read_jsonl(path)[:BENCH_PAIRS]
@@ -812,18 +873,21 @@ def bench_setup(args):
         for p in pairs:
             p["rejected"] = split_prompt(p["chosen"])[0] + split_prompt(p["rejected"])[1]
         print(f"[bench] data: {path} not found, {len(pairs)} synthetic pairs")
+    if getattr(args, "bench_model", ""):
+        print(f"[bench] model: {args.bench_model}")
+        return pairs, args.bench_model
     texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
     model_path = build_tiny(BENCH_SPEC, texts, Path(args.out_dir) / "models", seed=0, vocab_size=BENCH_VOCAB)
     return pairs, model_path
 
 
-def padded_tokens(steps, seq_lengths):
-    """(real, computed) tokens of training micro-batches: each micro-batch is padded to its longest sequence;
-    seq_lengths[i] lists the lengths of the sequences of pair i that go through one forward together."""
+def padded_tokens(steps, row_lengths):
+    """(real, computed) tokens of training micro-batches: each micro-batch is padded to its longest row;
+    row_lengths[i] lists the lengths of the rows pair i takes in a forward (one when packed, else two)."""
     real = computed = 0
     for micro_batches in steps:
         for mb in micro_batches:
-            lens = [n for i in mb for n in seq_lengths[i]]
+            lens = [n for i in mb for n in row_lengths[i]]
             real, computed = real + sum(lens), computed + len(lens) * max(lens)
     return real, computed
 

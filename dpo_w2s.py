@@ -60,6 +60,7 @@ class Args:
     grad_clip: float = 1.0  # max gradient norm
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
+    pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
     # method
     beta: float = 0.1  # DPO's KL weight
     settings: str = "none,implicit,explicit"  # which students to train
@@ -72,6 +73,7 @@ class Args:
     log_every: int = 10  # optimizer steps between log lines
     force: bool = False  # re-run stages even if cached
     bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
+    bench_model: str = ""  # with --bench: time this model (Hub id or path) instead of the 4-layer GPT-2 built here
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
     """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over
     `examples`; returns the steps. `size(example)` is the loss's unit count (1 per pair for DPO, response tokens for SFT)."""
     device = next(model.parameters()).device
-    lengths = [max(len(s[0]) for s in e["seqs"]) for e in examples]  # a micro-batch pads to its longest text
+    lengths = [max(common.row_lengths(e["seqs"], args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), lr_max, args.weight_decay, device)
@@ -149,11 +151,10 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
     return steps
 
 
-def dpo_batch_loss(model, pad_id, beta, alpha):
+def dpo_batch_loss(model, pad_id, beta, alpha, pack):
     def batch_loss(batch):
-        B = len(batch)
-        logps, _ = common.forward_logps(model, [e["seqs"][0] for e in batch] + [e["seqs"][1] for e in batch], pad_id)  # (2B,)
-        pi_c, pi_r = logps[:B], logps[B:]
+        logps, _ = common.forward_logps(model, [s for e in batch for s in e["seqs"]], pad_id, pack)  # (2B,)
+        pi_c, pi_r = logps[0::2], logps[1::2]  # chosen, rejected, chosen, ... in one forward
         ref_c, ref_r = torch.tensor([e["ref"] for e in batch], device=logps.device).T  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
         if alpha:
@@ -177,7 +178,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     common.seed_everything(args.seed)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
-    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt)
+    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
     train_pairs, gt_agree = common.orient(pairs, targets)
@@ -196,7 +197,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     ref_test = common.pair_logps(model, test, pad, args.micro_batch, autocast)
     examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": a}
                 for (c, r), s, a in zip(pairs, ref_train, gt_agree)]
-    train(model, examples, dpo_batch_loss(model, pad, args.beta, alpha), lambda e: 1, pad, args.lr, args.epochs,
+    train(model, examples, dpo_batch_loss(model, pad, args.beta, alpha, args.pack), lambda e: 1, pad, args.lr, args.epochs,
           "constant", args, stage_dir / "metrics.jsonl", autocast, f"{stage_dir.name} dpo")
 
     model.eval()
@@ -225,18 +226,24 @@ def bench(args):
     pairs, path = common.bench_setup(args)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
-    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt)
+    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     encoded = common.encode_pairs(tok, pairs, args.max_len)
+    loss = dpo_batch_loss(model, tok.pad_token_id, args.beta, 0.0, args.pack)
+    if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+        warm = [{"seqs": [c, r], "ref": [0.0, 0.0], "gt_agree": True} for c, r in encoded[:args.batch_size]]
+        train(model, warm, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
+              Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "warm-up")
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model.eval()
     ref = common.pair_logps(model, encoded, tok.pad_token_id, args.micro_batch, autocast)
     examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": True} for (c, r), s in zip(encoded, ref)]
-    steps = train(model, examples, dpo_batch_loss(model, tok.pad_token_id, args.beta, 0.0), lambda e: 1,
+    steps = train(model, examples, loss, lambda e: 1,
                   tok.pad_token_id, args.lr, 1, "constant", args, Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "bench dpo")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    real, computed = common.padded_tokens(steps, [(len(c[0]), len(r[0])) for c, r in encoded])
+    real, computed = common.padded_tokens(steps, [common.row_lengths(e["seqs"], args.pack) for e in examples])
     return common.bench_report("dpo", model, seconds, len(examples), real, computed, " (reference log-probs included)")
 
 

@@ -59,6 +59,7 @@ class Args:
     grad_clip: float = 1.0  # max gradient norm
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
+    pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
     # method
     settings: str = "none,implicit,explicit"  # which students to train
     alpha: float = 0.5  # weight of the explicit-conflict term
@@ -71,6 +72,7 @@ class Args:
     log_every: int = 10  # optimizer steps between log lines
     force: bool = False  # re-run stages even if cached
     bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
+    bench_model: str = ""  # with --bench: time this model (Hub id or path) instead of the 4-layer GPT-2 built here
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,21 +113,21 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.head.to(body.device)
 
-    def forward(self, input_ids, attention_mask):
-        """(N, T) right-padded ids and mask -> (N,) fp32 rewards read at the last real token. Its position
-        comes from the mask, never from token values (GPT-2's pad id 0 is "!"; PITFALLS 1)."""
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        last = attention_mask.sum(1) - 1  # (N,)
-        return self.head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+    def forward(self, inputs, rows, last):
+        """inputs: common.collate's model arguments for R rows; rows, last (N,): the row and position of each
+        text's last token, from the texts' lengths, never from token values (GPT-2's pad id 0 is "!";
+        PITFALLS 1). Returns (N,) fp32 rewards read there."""
+        hidden = self.body(**inputs).last_hidden_state  # (R, T, H)
+        return self.head(hidden[rows, last]).squeeze(-1).float()
 
 
 @torch.no_grad()
 def score_pairs(model, pairs, pad_id, micro_batch, autocast):
     """Margins r(chosen) - r(rejected) of encoded pairs, in their order. Texts are scored alone, batched by
     length, so evaluation pads little."""
-    def score(ids, attn, _):
+    def score(inputs, _, rows, last):
         with autocast():
-            return model(ids, attn).tolist()
+            return model(inputs, rows, last).tolist()
     return [c - r for c, r in common.score_by_length(pairs, pad_id, micro_batch, model.head.weight.device, score)]
 
 
@@ -136,7 +138,7 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
     """examples: dicts with "c", "r" (encoded texts), "p" (target: P(c better)) and "y_gt" (1.0 if c is the
     ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0). Returns the steps."""
     device = model.head.weight.device
-    lengths = [max(len(e["c"][0]), len(e["r"][0])) for e in examples]  # a micro-batch pads to its longest text
+    lengths = [max(common.row_lengths([e["c"], e["r"]], args.pack)) for e in examples]
     steps = [s for epoch in range(args.epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, device)
@@ -152,12 +154,11 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
         sums = torch.zeros(5, device=device)  # loss, accuracy, chosen, rejected, margin (summed over pairs)
         for mb in micro_batches:
             batch = [examples[i] for i in mb]
-            B = len(batch)
-            ids, attn, _ = common.collate([e["c"] for e in batch] + [e["r"] for e in batch], pad_id, device)
+            inputs, _, rows, last = common.collate([s for e in batch for s in (e["c"], e["r"])], pad_id, device, args.pack)
             p = torch.tensor([e["p"] for e in batch], device=device)
             with autocast():
-                rewards = model(ids, attn)  # (2B,): chosen and rejected in one forward
-            r_c, r_r = rewards[:B], rewards[B:]  # (B,), (B,)
+                rewards = model(inputs, rows, last)  # (2B,): chosen, rejected, chosen, ... in one forward
+            r_c, r_r = rewards[0::2], rewards[1::2]  # (B,), (B,)
             losses = soft_label_loss(r_c, r_r, p)
             if alpha:
                 y_gt = torch.tensor([e["y_gt"] for e in batch], device=device)
@@ -196,7 +197,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     common.seed_everything(args.seed)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
-    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt))
+    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt, args.pack))
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
     # The reward is read at the text's last token, the response's own last token as in the paper's code (no
     # EOS appended): there attention can compare the answer with the request directly.
@@ -221,14 +222,17 @@ def bench(args):
     pairs, path = common.bench_setup(args)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
-    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt))
+    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt, args.pack))
     examples = [{"c": c, "r": r, "p": 1.0, "y_gt": 1.0} for c, r in common.encode_pairs(tok, pairs, args.max_len, eos=False)]
+    if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+        train(model, examples[:args.batch_size], tok.pad_token_id, args, Path(tempfile.mkdtemp()), autocast, 0.0, "warm-up")
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     steps = train(model, examples, tok.pad_token_id, args, Path(tempfile.mkdtemp()), autocast, 0.0, "bench rm")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    real, computed = common.padded_tokens(steps, [(len(e["c"][0]), len(e["r"][0])) for e in examples])
+    real, computed = common.padded_tokens(steps, [common.row_lengths([e["c"], e["r"]], args.pack) for e in examples])
     return common.bench_report("rm", model, seconds, len(examples), real, computed)
 
 

@@ -65,6 +65,7 @@ class Args:
     grad_clip: float = 1.0  # max gradient norm
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
+    pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
     # method
     beta: float = 2.0  # SimPO's reward scale
     gamma: float = 1.0  # SimPO's absolute target margin (= beta * gamma_beta_ratio)
@@ -78,6 +79,7 @@ class Args:
     log_every: int = 10  # optimizer steps between log lines
     force: bool = False  # re-run stages even if cached
     bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
+    bench_model: str = ""  # with --bench: time this model (Hub id or path) instead of the 4-layer GPT-2 built here
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
     """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over
     `examples`; returns the steps. `size(example)` is the loss's unit count (1 per pair for SimPO, response tokens for SFT)."""
     device = next(model.parameters()).device
-    lengths = [max(len(s[0]) for s in e["seqs"]) for e in examples]  # a micro-batch pads to its longest text
+    lengths = [max(common.row_lengths(e["seqs"], args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), lr_max, args.weight_decay, device)
@@ -150,12 +152,11 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
     return steps
 
 
-def simpo_batch_loss(model, pad_id, beta, gamma, alpha):
+def simpo_batch_loss(model, pad_id, beta, gamma, alpha, pack):
     def batch_loss(batch):
-        B = len(batch)
-        sums, counts = common.forward_logps(model, [e["seqs"][0] for e in batch] + [e["seqs"][1] for e in batch], pad_id)
+        sums, counts = common.forward_logps(model, [s for e in batch for s in e["seqs"]], pad_id, pack)
         logps = sums / counts  # (2B,) mean per-token log-probs: the length normalisation of SimPO
-        pi_c, pi_r = logps[:B], logps[B:]
+        pi_c, pi_r = logps[0::2], logps[1::2]  # chosen, rejected, chosen, ... in one forward
         losses, chosen_rewards, rejected_rewards = simpo_loss(pi_c, pi_r, beta, gamma)
         if alpha:
             gt_agree = torch.tensor([e["gt_agree"] for e in batch], device=logps.device)
@@ -178,7 +179,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     common.seed_everything(args.seed)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
-    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt)
+    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
     train_pairs, gt_agree = common.orient(pairs, targets)
@@ -190,7 +191,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
               args.sft_lr, args.sft_epochs, "cosine", args, stage_dir / "sft_metrics.jsonl", autocast,
               f"{stage_dir.name} sft")
     examples = [{"seqs": [c, r], "gt_agree": a} for (c, r), a in zip(pairs, gt_agree)]
-    train(model, examples, simpo_batch_loss(model, pad, args.beta, args.gamma, alpha), lambda e: 1, pad, args.lr,
+    train(model, examples, simpo_batch_loss(model, pad, args.beta, args.gamma, alpha, args.pack), lambda e: 1, pad, args.lr,
           args.epochs, "cosine", args, stage_dir / "metrics.jsonl", autocast, f"{stage_dir.name} simpo")
 
     model.eval()
@@ -214,16 +215,21 @@ def bench(args):
     pairs, path = common.bench_setup(args)
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
-    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt)
+    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     encoded = common.encode_pairs(tok, pairs, args.max_len)
     examples = [{"seqs": [c, r], "gt_agree": True} for c, r in encoded]
+    loss = simpo_batch_loss(model, tok.pad_token_id, args.beta, args.gamma, 0.0, args.pack)
+    if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+        train(model, examples[:args.batch_size], loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "cosine", args,
+              Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "warm-up")
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    steps = train(model, examples, simpo_batch_loss(model, tok.pad_token_id, args.beta, args.gamma, 0.0), lambda e: 1,
-                  tok.pad_token_id, args.lr, 1, "cosine", args, Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "bench simpo")
+    steps = train(model, examples, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "cosine", args,
+                  Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "bench simpo")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    real, computed = common.padded_tokens(steps, [(len(c[0]), len(r[0])) for c, r in encoded])
+    real, computed = common.padded_tokens(steps, [common.row_lengths(e["seqs"], args.pack) for e in examples])
     return common.bench_report("simpo", model, seconds, len(examples), real, computed)
 
 

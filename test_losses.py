@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 import common
 import dpo_w2s
@@ -87,6 +88,40 @@ def tiny_llama(tmp_path_factory):
                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory):
+    """A 1-layer OPT body (learned positions with an offset of 2, a BOS-adding tokenizer): the paper's family."""
+    from transformers import OPTConfig, OPTForCausalLM
+    path = tmp_path_factory.mktemp("tiny-opt")
+    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=tok.eos_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_neox(tmp_path_factory):
+    """A 1-layer GPT-NeoX body (Pythia's architecture: partial rotary positions)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    path = tmp_path_factory.mktemp("tiny-neox")
+    tok = common.train_tokenizer(CORPUS, 300)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def rewards_of(model, seqs, pad_id, pack=False):
+    """A reward model's rewards of encoded texts in one forward, as rm_w2s.train computes them."""
+    inputs, _, rows, last = common.collate(seqs, pad_id, CPU, pack)
+    return model(inputs, rows, last)
 
 
 def reward_model(path, pad_token=None):
@@ -180,10 +215,8 @@ def step_grads(model, examples, micro_batches, pad_id, alpha=0.0, per_micro_mean
     n_pairs = sum(len(mb) for mb in micro_batches)
     for mb in micro_batches:
         batch = [examples[i] for i in mb]
-        B = len(batch)
-        ids, attn, _ = common.collate([e["c"] for e in batch] + [e["r"] for e in batch], pad_id, CPU)
-        rewards = model(ids, attn)
-        r_c, r_r = rewards[:B], rewards[B:]
+        rewards = rewards_of(model, [s for e in batch for s in (e["c"], e["r"])], pad_id, pack=True)
+        r_c, r_r = rewards[0::2], rewards[1::2]
         losses = rm_w2s.soft_label_loss(r_c, r_r, torch.tensor([e["p"] for e in batch]))
         if alpha:
             losses = losses + alpha * rm_w2s.explicit_conflict_loss(r_c, r_r, torch.tensor([e["y_gt"] for e in batch]))
@@ -291,9 +324,10 @@ def test_reward_padding_invariance(tiny, pad):
     assert tok.pad_token_id in s and len(l) > 2 * len(s)
     model.eval()
     with torch.no_grad():
-        alone = model(*common.collate([(s, 1)], tok.pad_token_id, CPU)[:2])
-        ids, attn, _ = common.collate([(l, 1), (s, 1)], tok.pad_token_id, CPU)
-        batched = model(ids, attn)
+        alone = rewards_of(model, [(s, 1)], tok.pad_token_id)
+        inputs, _, rows, last = common.collate([(l, 1), (s, 1)], tok.pad_token_id, CPU)
+        batched = model(inputs, rows, last)
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
     # the test bites: reading lengths from token values would pick another position for the short text
     assert int((ids[1] != tok.pad_token_id).sum()) != int(attn[1].sum())
     assert batched[1].item() == pytest.approx(alone[0].item(), abs=1e-5)
@@ -311,8 +345,8 @@ def test_reward_padding_invariance_llama(tiny_llama):
     (s, _), (l, _) = common.encode_texts(tok, [short, long], 128)
     model.eval()
     with torch.no_grad():
-        alone = model(*common.collate([(s, 1)], tok.pad_token_id, CPU)[:2])
-        batched = model(*common.collate([(l, 1), (s, 1)], tok.pad_token_id, CPU)[:2])
+        alone = rewards_of(model, [(s, 1)], tok.pad_token_id)
+        batched = rewards_of(model, [(l, 1), (s, 1)], tok.pad_token_id)
     assert batched[1].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
@@ -597,7 +631,6 @@ def test_load_splits_full(splits_dir):
 # ---- DPO and SimPO
 
 def causal_lm(path):
-    from transformers import AutoModelForCausalLM
     tok = common.load_tokenizer(path)
     torch.manual_seed(0)
     return tok, common.load_model(path, AutoModelForCausalLM, tok, CPU)
@@ -677,7 +710,8 @@ def test_sequence_logps_brute_force_per_token(arch, request):
     last prompt position) and the final EOS count; prompt and padding do not."""
     tok, model = causal_lm(request.getfixturevalue(arch))
     seqs = common.encode_texts(tok, PO_TEXTS, 128)
-    ids, attn, resp = common.collate(seqs, tok.pad_token_id, CPU)
+    inputs, resp, _, _ = common.collate(seqs, tok.pad_token_id, CPU)
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
     assert (attn == 0).any() and len({len(s) for s, _ in seqs}) == len(seqs)  # padded, all lengths differ
     with torch.no_grad():
         sums, counts = common.sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids, resp)
@@ -698,7 +732,7 @@ def test_sequence_logps_batched_equals_unbatched(tiny):
     seqs = common.encode_texts(tok, PO_TEXTS, 128)
     with torch.no_grad():
         alone = [common.sequence_logps(model(input_ids=torch.tensor([s])).logits, torch.tensor([s]),
-                                       common.collate([(s, n)], tok.pad_token_id, CPU)[2]) for s, n in seqs]
+                                       common.collate([(s, n)], tok.pad_token_id, CPU)[1]) for s, n in seqs]
         batched, counts = common.forward_logps(model, seqs, tok.pad_token_id)  # right-padded to the longest
     pairs = common.pair_logps(model, list(zip(seqs[0::2], seqs[1::2])), tok.pad_token_id, 1, contextlib.nullcontext)
     evaluated = [x for pair in pairs for x in pair]
@@ -715,7 +749,8 @@ def test_sequence_logps_ignores_prompt_and_padding_positions():
     torch.manual_seed(0)
     V, T = 11, 7
     seqs = [([1, 2, 3, 4, 5, 6, 7], 3), ([8, 9, 10, 1, 2], 4), ([3, 4, 5], 1)]
-    ids, attn, resp = common.collate(seqs, 0, CPU)
+    inputs, resp, _, _ = common.collate(seqs, 0, CPU)
+    ids = inputs["input_ids"]
     logits = torch.randn(3, T, V)
     base, counts = common.sequence_logps(logits, ids, resp)
     assert counts.tolist() == [4, 1, 2]
@@ -760,8 +795,8 @@ LENGTH_PAIRS = [
 
 def test_dpo_sums_and_simpo_means_in_batch_loss(tiny):
     """PITFALLS 9: dpo_batch_loss feeds dpo_loss the SUMMED response log-probs, simpo_batch_loss feeds simpo_loss
-    the per-token MEAN (sum / count), with and without the explicit-conflict term. Expected values come from the
-    brute-force per-token loop on each text alone."""
+    the per-token MEAN (sum / count), with and without the explicit-conflict term, packed or not. Expected values
+    come from the brute-force per-token loop on each text alone."""
     tok, model = causal_lm(tiny)
     pad = tok.pad_token_id
     enc = common.encode_pairs(tok, LENGTH_PAIRS, 128)
@@ -773,10 +808,10 @@ def test_dpo_sums_and_simpo_means_in_batch_loss(tiny):
     examples = [{"seqs": [c, r], "ref": [ref["c"][i].item(), ref["r"][i].item()], "gt_agree": bool(gt_agree[i])}
                 for i, (c, r) in enumerate(enc)]
     mean = {k: s[k] / n[k] for k in "cr"}
-    for alpha in (0.0, 0.5):
+    for alpha, pack in [(0.0, True), (0.5, True), (0.5, False)]:
         with torch.no_grad():
-            dpo, dpo_metrics = dpo_w2s.dpo_batch_loss(model, pad, 0.1, alpha)(examples)
-            simpo, simpo_metrics = simpo_w2s.simpo_batch_loss(model, pad, 2.0, 1.0, alpha)(examples)
+            dpo, dpo_metrics = dpo_w2s.dpo_batch_loss(model, pad, 0.1, alpha, pack)(examples)
+            simpo, simpo_metrics = simpo_w2s.simpo_batch_loss(model, pad, 2.0, 1.0, alpha, pack)(examples)
 
         def dpo_expected(c, r, ref_c, ref_r):
             return (dpo_w2s.dpo_loss(c, r, ref_c, ref_r, 0.1)[0]
@@ -967,8 +1002,8 @@ def po_objective(module, objective, model, pad_id, alpha):
     if objective == "sft":
         return common.sft_loss(model, pad_id), common.response_tokens
     if module is dpo_w2s:
-        return dpo_w2s.dpo_batch_loss(model, pad_id, 0.1, alpha), lambda e: 1
-    return simpo_w2s.simpo_batch_loss(model, pad_id, 2.0, 1.0, alpha), lambda e: 1
+        return dpo_w2s.dpo_batch_loss(model, pad_id, 0.1, alpha, True), lambda e: 1
+    return simpo_w2s.simpo_batch_loss(model, pad_id, 2.0, 1.0, alpha, True), lambda e: 1
 
 
 def run_po_train(module, objective, model, examples, pad_id, log_path, alpha, **overrides):
@@ -1006,7 +1041,7 @@ def test_po_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_p
     for micro in (4, 2):
         for a, b in zip(recorded[micro], recorded[8]):
             assert_grads_close(a, b)
-    lengths = [max(len(s[0]) for s in e["seqs"]) for e in examples]  # as train() groups them
+    lengths = [max(common.row_lengths(e["seqs"], True)) for e in examples]  # as train() groups them (packed)
     for step, got in zip(common.make_batches(lengths, 8, 8, seed=0), recorded[8]):
         model = copy.deepcopy(base)
         batch_loss, size = po_objective(module, objective, model, pad, 0.5)
@@ -1037,30 +1072,30 @@ def test_dpo_train_starts_at_log2(tiny, tmp_path, monkeypatch):
 
 def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tiny):
     """Same weights: the per-pair losses over one epoch's micro-batches, and the evaluation margins, do not depend
-    on how pairs are grouped into micro-batches (length-grouped or shuffled only) nor on the evaluation's
-    length-sorted order."""
+    on how pairs are grouped into micro-batches (length-grouped or shuffled only), nor on whether a pair's texts
+    are packed into one row, nor on the evaluation's length-sorted order."""
     tok, model = reward_model(tiny)
     model.eval()
     examples = encoded_examples(tok, 24, seed=5)
-    lengths = [max(len(e["c"][0]), len(e["r"][0])) for e in examples]
-
-    def per_pair_losses(group):
+    def per_pair_losses(group, pack):
+        lengths = [max(common.row_lengths([e["c"], e["r"]], pack)) for e in examples]
         out = {}
         with torch.no_grad():
             for step in common.make_batches(lengths, 8, 4, seed=1, group_by_length=group):
                 for mb in step:
                     batch = [examples[i] for i in mb]
-                    ids, attn, _ = common.collate([e["c"] for e in batch] + [e["r"] for e in batch], tok.pad_token_id, CPU)
-                    rewards = model(ids, attn)
+                    rewards = rewards_of(model, [s for e in batch for s in (e["c"], e["r"])], tok.pad_token_id, pack)
                     p = torch.tensor([e["p"] for e in batch])
-                    losses = rm_w2s.soft_label_loss(rewards[:len(mb)], rewards[len(mb):], p)
+                    losses = rm_w2s.soft_label_loss(rewards[0::2], rewards[1::2], p)
                     out.update(zip(mb, losses.tolist()))
         return out
 
-    grouped, ungrouped = per_pair_losses(True), per_pair_losses(False)
-    assert sorted(grouped) == sorted(ungrouped) == list(range(len(examples)))
-    for i in grouped:
-        assert grouped[i] == pytest.approx(ungrouped[i], abs=1e-5)
+    grouped = per_pair_losses(True, True)
+    for group, pack in [(False, True), (True, False), (False, False)]:
+        other = per_pair_losses(group, pack)
+        assert sorted(grouped) == sorted(other) == list(range(len(examples)))
+        for i in grouped:
+            assert grouped[i] == pytest.approx(other[i], abs=1e-5), (group, pack)
     pairs = [(e["c"], e["r"]) for e in examples]
     batched = rm_w2s.score_pairs(model, pairs, tok.pad_token_id, 4, contextlib.nullcontext)
     alone = rm_w2s.score_pairs(model, pairs, tok.pad_token_id, 1, contextlib.nullcontext)
@@ -1078,6 +1113,85 @@ def test_padded_tokens_counts_padding():
     steps = [[[0, 1]], [[2]]]
     real, computed = common.padded_tokens(steps, [(3, 5), (2, 2), (4, 1)])
     assert (real, computed) == (3 + 5 + 2 + 2 + 4 + 1, 4 * 5 + 2 * 4)
+
+
+def test_collate_packs_a_pair_into_one_block_diagonal_row():
+    """Hand-checked layout: chosen then rejected in one row, positions restarting at the rejected text, a
+    causal mask that never crosses from one text to the other, padding a block of its own."""
+    inputs, resp, rows, last = common.collate([([5, 6, 7], 1), ([8, 9], 1), ([4], 0), ([3], 0)], 0, CPU, pack=True)
+    assert inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 0, 0, 0]]
+    assert rows.tolist() == [0, 0, 1, 1] and last.tolist() == [2, 4, 0, 1]
+    assert resp.int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 1, 0, 0, 0]]
+    mask = inputs["attention_mask"]
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert mask[:, 0].any(-1).all()  # every query sees at least itself: no NaN rows in attention
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_llama", "tiny_opt", "tiny_neox"])
+def test_packed_pairs_equal_texts_alone(arch, request):
+    """Packing is exact on GPT-2 (learned positions), Llama and GPT-NeoX (rotary) and OPT (learned, offset 2):
+    rewards and summed log-probs of packed pairs equal those of each text alone and of a row per text;
+    load_model(pack=True) passes its own check on each."""
+    path = request.getfixturevalue(arch)
+    tok, rm = reward_model(path)
+    common.check_packing(rm.body, tok.pad_token_id)
+    tok, lm = causal_lm(path)
+    common.load_model(path, AutoModelForCausalLM, tok, CPU, pack=True)
+    seqs = common.encode_texts(tok, PO_TEXTS, 128)
+    assert len({len(s) for s, _ in seqs}) > 2  # texts of different lengths: packed rows pad
+    with torch.no_grad():
+        alone_r = torch.cat([rewards_of(rm, [s], tok.pad_token_id) for s in seqs])
+        alone_lp = torch.stack([common.forward_logps(lm, [s], tok.pad_token_id)[0][0] for s in seqs])
+        for pack in (True, False):
+            torch.testing.assert_close(rewards_of(rm, seqs, tok.pad_token_id, pack), alone_r, atol=1e-5, rtol=1e-4)
+            sums, counts = common.forward_logps(lm, seqs, tok.pad_token_id, pack)
+            torch.testing.assert_close(sums, alone_lp, atol=1e-4, rtol=1e-4)
+            assert counts.tolist() == [len(s) - n for s, n in seqs]
+        # the test bites: without the block-diagonal mask, each rejected text would see its chosen text
+        inputs, _, rows, last = common.collate(seqs, tok.pad_token_id, CPU, pack=True)
+        T = inputs["input_ids"].shape[1]
+        inputs["attention_mask"] = torch.ones(T, T, dtype=torch.bool).tril().expand_as(inputs["attention_mask"])
+        leaky = rm(inputs, rows, last)
+        assert not torch.allclose(leaky[1::2], alone_r[1::2], atol=1e-3)
+
+
+class IgnoresPacking(torch.nn.Module):
+    """A model that drops the attention mask or the position ids it is given, as some architectures do."""
+    def __init__(self, model, keep):
+        super().__init__()
+        self.model, self.config, self.keep = model, model.config, keep
+
+    def forward(self, input_ids, **kwargs):
+        return self.model(input_ids=input_ids, **{k: v for k, v in kwargs.items() if k in self.keep})
+
+
+@pytest.mark.parametrize("arch, keep", [("tiny", ()), ("tiny", ("attention_mask",)), ("tiny_opt", ("position_ids",))])
+def test_check_packing_refuses_a_model_that_ignores_the_mask_or_positions(arch, keep, request):
+    """(GPT-2 given position_ids and no mask builds the block-diagonal mask itself from the restarts, so dropping
+    only the mask is tested on OPT, which does not.)"""
+    tok, lm = causal_lm(request.getfixturevalue(arch))
+    with pytest.raises(SystemExit, match="--no_pack"):
+        common.check_packing(IgnoresPacking(lm, keep), tok.pad_token_id)
+    common.check_packing(IgnoresPacking(lm, ("attention_mask", "position_ids")), tok.pad_token_id)
+
+
+def test_packing_pads_at_most_ten_percent_on_the_bench_workload(tmp_path):
+    """Issue 5's target, on make bench's own workload and batching (batch 32, micro-batch 8, max length 512):
+    packed pairs pad <= 10% of computed tokens; a row per text pads far more (a pair's texts differ in length)."""
+    args = SimpleNamespace(data=str(SHARED_DATA / "hh-single-turn"), out_dir=str(tmp_path))
+    pairs, path = common.bench_setup(args)
+    tok = common.load_tokenizer(path)
+    encoded = common.encode_pairs(tok, pairs, 512, eos=False)
+    share = {}
+    for pack in (True, False):
+        rows = [common.row_lengths(pair, pack) for pair in encoded]
+        steps = common.make_batches([max(r) for r in rows], 32, 8, seed=0)
+        real, computed = common.padded_tokens(steps, rows)
+        share[pack] = 1 - real / computed
+    assert share[True] <= 0.10 < 0.20 < share[False], share
 
 
 def test_help_lists_every_option_with_its_comment(capsys):

@@ -63,59 +63,52 @@ CORPUS = [f"\n\nHuman: {q}\n\nAssistant: {a}" for q, a in [
 ]] * 4
 
 
+def save_tiny(tmp_path_factory, name, make_model, bos=False):
+    """A random-init model from make_model(tok) and a BPE tokenizer trained on CORPUS, saved like a Hub model."""
+    path = tmp_path_factory.mktemp(name)
+    tok = common.train_tokenizer(CORPUS, 300, bos=bos)
+    torch.manual_seed(0)
+    make_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 1-layer GPT-2 body saved like a Hub model (no pad token: load_tokenizer makes pad = EOS)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = common.train_tokenizer(CORPUS, 300)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=1, n_positions=128,
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory, "tiny-gpt2", lambda tok: GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tok), n_layer=1, n_embd=32, n_head=1, n_positions=128,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)))
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 1-layer Llama body (rotary positions) with a BOS-adding tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = common.train_tokenizer(CORPUS, 300, bos=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory, "tiny-llama", lambda tok: LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)), bos=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory):
     """A 1-layer OPT body (learned positions with an offset of 2, a BOS-adding tokenizer): the paper's family."""
     from transformers import OPTConfig, OPTForCausalLM
-    path = tmp_path_factory.mktemp("tiny-opt")
-    tok = common.train_tokenizer(CORPUS, 300, bos=True)
-    torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=tok.eos_token_id,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory, "tiny-opt", lambda tok: OPTForCausalLM(OPTConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+        max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)), bos=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_neox(tmp_path_factory):
     """A 1-layer GPT-NeoX body (Pythia's architecture: partial rotary positions)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    path = tmp_path_factory.mktemp("tiny-neox")
-    tok = common.train_tokenizer(CORPUS, 300)
-    torch.manual_seed(0)
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128,
-                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory, "tiny-neox", lambda tok: GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)))
 
 
 def rewards_of(model, seqs, pad_id, pack=False):

@@ -35,7 +35,7 @@ DEMO_STRONG ?= tiny:2x64+pt600
 toy = --data toy --n_gt $(1) --n_w2s $(1) --n_test $(1) --n_extra $(1) --weak tiny:1x32 --strong $(DEMO_STRONG) \
       --seed $(SEED) --out_dir $(DEMO_DIR) --log_every 1000
 demo:
-	$(PY) rm_w2s.py $(call toy,$(DEMO_N_RM)) --weak_max_len 13 --lr 1e-3 --epochs 2 $(ARGS)
+	$(PY) rm_w2s.py $(call toy,$(DEMO_N_RM)) --weak_max_len 13 --lr 3e-4 --epochs 4 $(ARGS)
 	$(PY) dpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 1e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	$(PY) simpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 3e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	@for m in rm dpo simpo; do echo; cat $(DEMO_DIR)/$$m-toy-*-s$(SEED)/report.md; done

@@ -462,7 +462,9 @@ def collate(seqs, pad_id, device, pack=False):
             input_ids[r, start:end] = torch.tensor(ids)
             position_ids[r, start:end] = torch.arange(len(ids))
             segment[r, start:end] = k
-            response_mask[len(rows), start + n_prompt: end] = True
+            # a text's first token is predicted by nothing of its own (packed: by the text before it), so it is
+            # never scored, even with no prompt
+            response_mask[len(rows), start + max(n_prompt, 1): end] = True
             rows.append(r)
             last.append(end - 1)
             start = end
@@ -485,9 +487,10 @@ def row_lengths(seqs, pack):
 
 @torch.no_grad()
 def check_packing(model, pad_id):
-    """Packing needs a model that honours a 4D attention mask and position_ids (Hugging Face's GPT-2, OPT,
-    Llama, GPT-NeoX, Mistral and Qwen do, with sdpa or eager attention). Check it once: two random texts packed
-    into one row must get the outputs they get alone."""
+    """Packing needs a model that honours a boolean 4D attention mask and position_ids: Hugging Face's GPT-2,
+    OPT, Llama and GPT-NeoX do with sdpa attention, their default (tested); eager attention adds the mask to
+    the scores and is refused here. Check it once: two random texts packed into one row must get the outputs
+    they get alone."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))

@@ -1110,12 +1110,13 @@ def test_padded_tokens_counts_padding():
 
 def test_collate_packs_a_pair_into_one_block_diagonal_row():
     """Hand-checked layout: chosen then rejected in one row, positions restarting at the rejected text, a
-    causal mask that never crosses from one text to the other, padding a block of its own."""
+    causal mask that never crosses from one text to the other, padding a block of its own. A text's first token
+    is never a response token, even with no prompt: in a packed row the text before it would predict it."""
     inputs, resp, rows, last = common.collate([([5, 6, 7], 1), ([8, 9], 1), ([4], 0), ([3], 0)], 0, CPU, pack=True)
     assert inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 0, 0, 0]]
     assert rows.tolist() == [0, 0, 1, 1] and last.tolist() == [2, 4, 0, 1]
-    assert resp.int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 1, 0, 0, 0]]
+    assert resp.int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 1], [0] * 5, [0] * 5]  # a first token is never scored
     mask = inputs["attention_mask"]
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]

@@ -1172,6 +1172,14 @@ def test_check_packing_refuses_a_model_that_ignores_the_mask_or_positions(arch, 
     common.check_packing(IgnoresPacking(lm, ("attention_mask", "position_ids")), tok.pad_token_id)
 
 
+def test_check_packing_refuses_eager_attention(tiny):
+    """Eager attention adds a 4D mask to the scores, so a boolean mask would not mask: refused, not silently wrong."""
+    tok = common.load_tokenizer(tiny)
+    eager = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager")
+    with pytest.raises(SystemExit, match="eager attention"):
+        common.check_packing(eager, tok.pad_token_id)
+
+
 def test_packing_pads_at_most_ten_percent_on_the_bench_workload(tmp_path):
     """Issue 5's target, on make bench's own workload and batching (batch 32, micro-batch 8, max length 512):
     packed pairs pad <= 10% of computed tokens; a row per text pads far more (a pair's texts differ in length)."""

@@ -708,7 +708,7 @@ def write_jsonl(path, rows):
 
 # Options that change no stage's numbers (micro_batch and grad_ckpt only trade memory for time), and
 # options that only the students read: a stage's cache key leaves them out (PITFALLS 17).
-NOT_IN_KEY = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "bench")
+NOT_IN_KEY = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "bench", "bench_model")
 STUDENT_ONLY = ("alpha", "hard_labels", "conf_threshold", "drop_weak_errors", "intermediate", "n_extra", "helpful")
 
 
@@ -876,7 +876,7 @@ def bench_setup(args):
         for p in pairs:
             p["rejected"] = split_prompt(p["chosen"])[0] + split_prompt(p["rejected"])[1]
         print(f"[bench] data: {path} not found, {len(pairs)} synthetic pairs")
-    if getattr(args, "bench_model", ""):
+    if args.bench_model:
         print(f"[bench] model: {args.bench_model}")
         return pairs, args.bench_model
     texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]

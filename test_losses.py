@@ -1183,7 +1183,7 @@ def test_check_packing_refuses_eager_attention(tiny):
 def test_packing_pads_at_most_ten_percent_on_the_bench_workload(tmp_path):
     """Issue 5's target, on make bench's own workload and batching (batch 32, micro-batch 8, max length 512):
     packed pairs pad <= 10% of computed tokens; a row per text pads far more (a pair's texts differ in length)."""
-    args = SimpleNamespace(data=str(SHARED_DATA / "hh-single-turn"), out_dir=str(tmp_path))
+    args = SimpleNamespace(data=str(SHARED_DATA / "hh-single-turn"), out_dir=str(tmp_path), bench_model="")
     pairs, path = common.bench_setup(args)
     tok = common.load_tokenizer(path)
     encoded = common.encode_pairs(tok, pairs, 512, eos=False)

@@ -82,6 +82,63 @@ def print_help(cls):
         print(f"  --{f.name:<18} {f.default!r:<28} {comments.get(f.name, '')}")
 
 
+def check_args(args):
+    """Validate the options before anything is loaded or built: one line naming the option and the allowed
+    range. Fields a method does not have (beta for the reward model, say) are skipped."""
+    finite = math.isfinite
+    rules = [  # (option, test, allowed)
+        ("n_gt", lambda v: v >= 1, ">= 1"), ("n_w2s", lambda v: v >= 1, ">= 1"), ("n_test", lambda v: v >= 1, ">= 1"),
+        ("n_extra", lambda v: v >= 0, ">= 0"),
+        ("max_len", lambda v: v >= 3, ">= 3 (a BOS, one prompt and one response token)"),
+        ("weak_max_len", lambda v: v == 0 or v >= 3, "0 (same as --max_len) or >= 3"),
+        ("lr", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("sft_lr", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: the same as --lr)"),
+        ("batch_size", lambda v: v >= 1, ">= 1"), ("micro_batch", lambda v: v >= 1, ">= 1"),
+        ("epochs", lambda v: v >= 1, ">= 1"), ("sft_epochs", lambda v: v >= 0, ">= 0"),
+        ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("grad_clip", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+        ("alpha", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("beta", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("gamma", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("conf_threshold", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("conf_scale", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("log_every", lambda v: v >= 1, ">= 1"),
+    ]
+    for name, ok, allowed in rules:
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise SystemExit(f"error: --{name} must be {allowed}, got {getattr(args, name)!r}")
+    if args.batch_size % args.micro_batch:
+        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch {args.micro_batch}")
+    settings = args.settings.split(",")
+    if not settings or not set(settings) <= {"none", "implicit", "explicit"}:
+        raise SystemExit(f"error: --settings takes none, implicit, explicit (comma-separated); got {args.settings!r}")
+    for option in ("weak", "strong", "intermediate"):
+        if getattr(args, option):
+            check_model_name(option, getattr(args, option))
+
+
+def check_model_name(option, name):
+    """A model is a Hub id ("gpt2", "org/name"), a local folder holding a config.json, a .gguf file,
+    tiny:LxD[+ptN], or any of the first three followed by :firstK. Say which part is wrong, before loading."""
+    if name.startswith("tiny:"):
+        m = re.fullmatch(r"tiny:(\d+)x(\d+)(?:\+pt(\d+))?", name)
+        if not m or int(m[1]) < 1 or int(m[2]) < 1 or int(m[2]) % max(1, int(m[2]) // 16):
+            raise SystemExit(f"error: --{option} {name}: a tiny model is tiny:LxD or tiny:LxD+ptN with L >= 1 layers "
+                             "and a width D >= 1 that its max(1, D // 16) attention heads divide (e.g. tiny:2x64+pt600)")
+        return
+    base = re.sub(r":first\d+$", "", name)
+    if os.path.exists(base):
+        if base.endswith(".gguf") and os.path.isfile(base):
+            return
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            raise SystemExit(f"error: --{option} {base}: holds no model config (config.json); give a model folder "
+                             "saved with save_pretrained, a .gguf file, or a Hub id")
+    elif base.endswith(".gguf") or os.path.isabs(base) or base.startswith(".") or base.count("/") > 1 \
+            or os.path.isdir(base.split("/")[0]):
+        raise SystemExit(f"error: --{option} {base}: no such file or folder")
+
+
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA too
@@ -111,12 +168,15 @@ def split_prompt(text):
 
 
 def filter_single_turn(rows):
-    """Keep pairs whose two texts each hold exactly one Human turn and differ. Returns (pairs, dropped)."""
-    kept, dropped = [], {"multi_turn": 0, "identical": 0}
+    """Keep pairs whose two texts each hold exactly one Human turn, an Assistant turn, and differ.
+    Returns (pairs, dropped: counts by reason)."""
+    kept, dropped = [], {"multi_turn": 0, "no_assistant": 0, "identical": 0}
     for row in rows:
         c, r = row["chosen"], row["rejected"]
         if c.count(HUMAN) != 1 or r.count(HUMAN) != 1:
             dropped["multi_turn"] += 1
+        elif ASSISTANT not in c or ASSISTANT not in r:
+            dropped["no_assistant"] += 1
         elif c == r:
             dropped["identical"] += 1
         else:
@@ -130,10 +190,42 @@ def messages_to_text(messages):
     return "".join(f"{role[m['role']]} {m['content'].strip()}" for m in messages if m["role"] in role)
 
 
-def read_jsonl(path):
+def iter_jsonl(path):
+    """(line number, row) for each non-blank line of a jsonl file (gzipped if it ends in .gz). A bad line
+    stops the run with one line naming the file, the line and what is wrong."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist")
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})")
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})")
+
+
+def read_jsonl(path):
+    return [row for _, row in iter_jsonl(path)]
+
+
+def read_pairs(path):
+    """Preference pairs from a jsonl file: objects with "chosen" and "rejected" texts, each holding an
+    "\n\nAssistant:" turn (where the response starts)."""
+    pairs = []
+    for lineno, row in iter_jsonl(path):
+        for key in ("chosen", "rejected"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise SystemExit(f'error: {path}:{lineno}: no "{key}" text')
+            if ASSISTANT not in row[key]:
+                raise SystemExit(f'error: {path}:{lineno}: the "{key}" text has no {ASSISTANT!r} turn')
+        pairs.append({"chosen": row["chosen"], "rejected": row["rejected"]})
+    return pairs
 
 
 def load_hub_hh(data_dir):
@@ -152,9 +244,11 @@ def load_splits(args):
     implicit conflict) is loaded only when args.n_extra > 0 and the implicit setting is asked for.
 
     Splits are disjoint by text: a pair sharing a chosen or rejected text with a pair already taken is
-    dropped and counted (the paper's files have two such pairs)."""
+    dropped and counted (the paper's files have two such pairs), and so is a pair whose two texts are the
+    same (it says nothing about preference). An empty split stops the run before anything trains."""
     n = {"gt": args.n_gt, "w2s": args.n_w2s, "test": args.n_test}
     stats = {"dropped": {}, "short": {}}
+    source = {name: args.data for name in n}
     if args.data == "toy":
         pools = make_toy_pairs(n, args.n_extra, args.seed)
     elif args.data in ("hh", "cai"):
@@ -163,28 +257,35 @@ def load_splits(args):
         random.Random(args.seed).shuffle(pool)
         pools = {"all": pool}
     elif os.path.isdir(args.data):
-        pools = {s: read_jsonl(Path(args.data) / f"harmless_{name}.jsonl")
-                 for s, name in (("gt", "train_gt"), ("w2s", "train_w2s"), ("test", "test"))}
+        source = {s: Path(args.data) / f"harmless_{name}.jsonl" for s, name in
+                  (("gt", "train_gt"), ("w2s", "train_w2s"), ("test", "test"))}
+        pools = {s: read_pairs(path) for s, path in source.items()}
     else:
         raise SystemExit(f"error: --data must be hh, cai, toy or a directory, got {args.data!r}")
 
     seen, splits = set(), {}
 
-    def take(pairs, count, name):
-        """The next `count` pairs of the iterator `pairs` that share no text with a pair already taken."""
+    def count(key):
+        stats["dropped"][key] = stats["dropped"].get(key, 0) + 1
+
+    def take(pairs, count_wanted, name):
+        """The next `count_wanted` pairs of the iterator `pairs` that share no text with a pair already taken."""
         out = []
-        for pair in pairs if count > 0 else ():
-            if pair["chosen"] in seen or pair["rejected"] in seen:
-                key = f"{name}_text_overlap"
-                stats["dropped"][key] = stats["dropped"].get(key, 0) + 1
-                continue
-            seen.update((pair["chosen"], pair["rejected"]))
-            out.append(pair)
-            if len(out) == count:
-                break
-        if len(out) < count:
-            print(f"warning: split {name} has {len(out)} pairs, fewer than the {count} asked for")
-            stats["short"][name] = count - len(out)
+        for pair in pairs if count_wanted > 0 else ():
+            if pair["chosen"] == pair["rejected"]:
+                count(f"{name}_identical")
+            elif pair["chosen"] in seen or pair["rejected"] in seen:
+                count(f"{name}_text_overlap")
+            else:
+                seen.update((pair["chosen"], pair["rejected"]))
+                out.append(pair)
+                if len(out) == count_wanted:
+                    break
+        if not out:
+            raise SystemExit(f"error: no usable pairs for the {name} split in {source.get(name)}")
+        if len(out) < count_wanted:
+            print(f"warning: split {name} has {len(out)} pairs, fewer than the {count_wanted} asked for")
+            stats["short"][name] = count_wanted - len(out)
         return out
 
     shared_pool = iter(pools["all"]) if "all" in pools else None  # one shuffled pool: consumed in order
@@ -194,18 +295,18 @@ def load_splits(args):
     splits["extra"] = []
     if args.n_extra > 0 and "implicit" in args.settings.split(","):
         if args.data == "toy":
-            extra = pools["extra"]
-        elif args.helpful:
-            extra, stats["dropped"]["helpful_source"] = filter_single_turn(read_jsonl(args.helpful))
-        elif os.path.isdir(args.data) and (Path(args.data) / "helpful_train.jsonl").exists():
-            extra, stats["dropped"]["helpful_source"] = filter_single_turn(read_jsonl(Path(args.data) / "helpful_train.jsonl"))
+            extra, source["extra"] = pools["extra"], "toy"
         else:
-            extra, stats["dropped"]["helpful_source"] = filter_single_turn(load_hub_hh("helpful-base"))
-            random.Random(args.seed).shuffle(extra)
+            path = args.helpful or (Path(args.data) / "helpful_train.jsonl" if os.path.isdir(args.data) else None)
+            if path and (args.helpful or Path(path).exists()):
+                extra, stats["dropped"]["helpful_source"] = filter_single_turn(read_pairs(path))
+                source["extra"] = path
+            else:
+                extra, stats["dropped"]["helpful_source"] = filter_single_turn(load_hub_hh("helpful-base"))
+                random.Random(args.seed).shuffle(extra)
+                source["extra"] = "Anthropic/hh-rlhf helpful-base"
         splits["extra"] = take(iter(extra), args.n_extra, "extra")
 
-    texts = [t for s in splits.values() for p in s for t in (p["chosen"], p["rejected"])]
-    assert len(texts) == len(set(texts)), "splits must be disjoint by text"
     for name, pairs in splits.items():
         stats[f"n_{name}"] = len(pairs)
         stats[f"prompt_mismatch_{name}"] = sum(split_prompt(p["chosen"])[0] != split_prompt(p["rejected"])[0]
@@ -363,11 +464,14 @@ def train_tokenizer(texts, vocab_size, bos=False):
 
 
 def resolve_model(name, splits, args):
-    """A Hub id or local path is returned as is; `tiny:LxD` is built (once) and its folder returned."""
-    if not name.startswith("tiny:"):
-        return name
-    texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
-    return build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
+    """A Hub id or local path is returned as is; `tiny:LxD` is built (once) and its folder returned; a `.gguf`
+    file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder under
+    `<out_dir>/models`."""
+    if name.startswith("tiny:"):
+        texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
+        return build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
+    import pretrained
+    return pretrained.resolve(name, Path(args.out_dir) / "models")
 
 
 def load_tokenizer(path):
@@ -410,11 +514,13 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False):
 # ----------------------------------------------------------------------------------------------------
 # tokenization, batching and log-probs
 
-def encode_texts(tok, texts, max_len, eos=True):
+def encode_texts(tok, texts, max_len, eos=True, keep_response_end=False):
     """Each text -> (ids, n_prompt). The prompt is encoded with the model's special tokens, the response
-    without them, plus EOS if `eos` (PITFALLS 6), so no BOS lands mid-sequence. Too long: cut the prompt from
-    the left first (keeping a leading BOS), keep at least one prompt token (it predicts the first response
-    token) and one response token."""
+    without them, plus EOS if `eos`, so no BOS lands mid-sequence (Llama's and OPT's tokenizers add one to
+    every call). Too long: cut the prompt from the left first (keeping a leading BOS), keep at least one
+    prompt token (it predicts the first response token) and one response token; then cut the response at its
+    end, or at its start with keep_response_end (a reward model reads the text's last token, so that token
+    must be the response's own last one, as in the paper's code)."""
     if not texts:
         return []
     prompts, responses = zip(*(split_prompt(t) for t in texts))
@@ -426,15 +532,16 @@ def encode_texts(tok, texts, max_len, eos=True):
         r = r + [tok.eos_token_id] if eos or not r else r
         if len(p) + len(r) > max_len:
             head = specials if p[: len(specials)] == specials and max_len >= len(specials) + 2 else []
-            r = r[: max_len - len(head) - 1]
+            room = max_len - len(head) - 1  # for the response, after the head and one prompt token
+            r = r[-room:] if keep_response_end else r[:room]
             p = head + p[len(head):][-(max_len - len(head) - len(r)):]
         out.append((p + r, len(p)))
     return out
 
 
-def encode_pairs(tok, pairs, max_len, eos=True):
+def encode_pairs(tok, pairs, max_len, eos=True, keep_response_end=False):
     """Pairs -> list of (chosen (ids, n_prompt), rejected (ids, n_prompt))."""
-    enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len, eos)
+    enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len, eos, keep_response_end)
     return list(zip(enc[0::2], enc[1::2]))
 
 
@@ -561,11 +668,22 @@ def score_by_length(pairs, pad_id, micro_batch, device, score):
     return list(zip(out[0::2], out[1::2]))
 
 
+def lm_logits(model, inputs):
+    """A causal LM's logits (R, T, V) in fp32 even under bf16 autocast: the body runs in bf16, the output
+    projection does not, since bf16 logits (8 bits of mantissa) quantize every log-prob and margin read from them.
+    Same values as model(**inputs).logits in fp32 (tested on GPT-2, Llama, OPT, GPT-NeoX)."""
+    hidden = model.base_model(**inputs).last_hidden_state  # (R, T, H)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = model.get_output_embeddings()(hidden.float())
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits in forward()
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def forward_logps(model, seqs, pad_id, pack=False):
     """Summed response log-probs (N,) and response token counts (N,) of encoded texts, in one forward;
     pack=True puts them two by two into a row (a pair's chosen and rejected texts)."""
     inputs, resp, rows, _ = collate(seqs, pad_id, next(model.parameters()).device, pack)
-    logits = model(**inputs).logits  # (R, T, V)
+    logits = lm_logits(model, inputs)  # (R, T, V)
     return sequence_logps(logits, inputs["input_ids"], resp, rows)
 
 
@@ -590,7 +708,7 @@ def pair_logps(model, pairs, pad_id, micro_batch, autocast):
     summed response log-probs and response token counts. Texts go alone, batched by length."""
     def score(inputs, resp, rows, last):
         with autocast():
-            logits = model(**inputs).logits  # (N, T, V)
+            logits = lm_logits(model, inputs)  # (N, T, V)
         sums, counts = sequence_logps(logits, inputs["input_ids"], resp)
         return list(zip(sums.tolist(), counts.tolist()))
     return score_by_length(pairs, pad_id, micro_batch, next(model.parameters()).device, score)
@@ -605,10 +723,12 @@ def orient(pairs, targets):
 
 
 def lr_at(step, total_steps, lr, warmup_ratio, schedule):
-    """Linear warm-up over warmup_ratio of the steps, then cosine decay to 0 or constant."""
-    warmup = max(1, int(warmup_ratio * total_steps))
+    """The learning rate of optimizer step `step` (from 0), as the paper's code computes it: a linear warm-up
+    lr * (step + 1) / (w + 1) over the first w = int(warmup_ratio * total_steps) steps, then constant, or a
+    cosine decay to 0 over the remaining steps (with no warm-up: torch's CosineAnnealingLR over the run)."""
+    warmup = int(warmup_ratio * total_steps)
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * (step + 1) / (warmup + 1)
     if schedule == "constant":
         return lr
     progress = (step - warmup) / max(1, total_steps - warmup)
@@ -622,17 +742,18 @@ def make_optimizer(params, lr, weight_decay, device):
 # ----------------------------------------------------------------------------------------------------
 # weak labels
 
-def confidence(margin):
-    """Confidence of a preference given its margin: sigmoid(|margin|), i.e. the Bradley-Terry probability
-    of the preferred response (>= 0.5)."""
-    return torch.sigmoid(torch.as_tensor(margin, dtype=torch.float64).abs())
+def confidence(margin, scale=1.0):
+    """Confidence of a preference given its margin: sigmoid(|margin| / scale), the Bradley-Terry probability
+    of the preferred response (>= 0.5). The paper's code divides DPO's summed log-likelihood ratio by 50
+    (scale 50), and uses SimPO's mean per-token ratio and the reward margin as they are (scale 1)."""
+    return torch.sigmoid(torch.as_tensor(margin, dtype=torch.float64).abs() / scale)
 
 
-def confident_subset(margins, threshold, gt_correct=None):
+def confident_subset(margins, threshold, scale=1.0, gt_correct=None):
     """Indices of weak-labelled pairs to train a high-confidence student on: confidence(margin) >= threshold.
     Reads ground truth only if `gt_correct` is given (the paper's code also dropped every pair the weak model
     got wrong: the --drop_weak_errors option, which leaks ground truth into the student's data)."""
-    keep = (confidence(margins) >= threshold).tolist()
+    keep = (confidence(margins, scale) >= threshold).tolist()
     if gt_correct is not None:
         keep = [k and bool(c) for k, c in zip(keep, gt_correct)]
     return [i for i, k in enumerate(keep) if k]
@@ -681,21 +802,68 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")[-60:]
 
 
+# Options that change no number of a run: they trade memory for time, or say what to run and how to print.
+# Neither a run folder's name nor a stage's cache key holds them.
+NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "bench", "bench_model")
+# Options that choose a stage's data, model or loss: a stage's key holds what they chose (digests of its data
+# and model, its max length and alpha), so that a stage re-runs exactly when what it reads changes.
+SELECTION = ("data", "n_gt", "n_w2s", "n_test", "n_extra", "helpful", "weak", "strong", "intermediate", "max_len",
+             "weak_max_len", "alpha", "hard_labels", "conf_threshold", "conf_scale", "drop_weak_errors")
+
+
+def config_hash(args):
+    """A short hash of every option that can change a number of the run (all but NO_EFFECT)."""
+    config = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_dir(args, method):
+    """runs/<method>-<data>-<weak>-<strong>-s<seed>-<config hash>: two configurations never share a folder."""
     data = Path(args.data).name if os.path.isdir(args.data) else args.data
-    path = Path(args.out_dir) / "-".join(slug(x) for x in (method, data, args.weak, args.strong, f"s{args.seed}"))
+    parts = (method, data, args.weak, args.strong, f"s{args.seed}", config_hash(args))
+    return Path(args.out_dir) / "-".join(slug(x) for x in parts)
+
+
+def open_run(args, method):
+    """Create or reopen the run folder and lock it for this process: a second live run in the same folder is
+    refused. The lock is an flock on `.lock`, which the OS releases when the process ends, however it ends,
+    so a killed run never leaves it stuck. A report left by an earlier run is removed at once, so the report
+    beside config.json is always this configuration's. Returns (folder, open lock file: keep it open)."""
+    import fcntl
+    path = run_dir(args, method)
     path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"error: another run (pid {lock.read().strip() or '?'}) is using {path}; wait for it to end")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for stale in ("results.json", "report.md"):
+        (path / stale).unlink(missing_ok=True)
     write_json(path / "config.json", dataclasses.asdict(args))
-    return path
+    return path, lock
 
 
 def write_atomic(path, text):
+    """Write a file whole or not at all: a temporary file beside it, then a rename. The file gets the usual
+    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, obj):
@@ -706,39 +874,110 @@ def write_jsonl(path, rows):
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-# Options that change no stage's numbers (micro_batch and grad_ckpt only trade memory for time), and
-# options that only the students read: a stage's cache key leaves them out (PITFALLS 17).
-NOT_IN_KEY = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "bench", "bench_model")
-STUDENT_ONLY = ("alpha", "hard_labels", "conf_threshold", "drop_weak_errors", "intermediate", "n_extra", "helpful")
+def digest(*parts):
+    """A short sha256 of strings or bytes."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
-def stage_key(args, stage, **extra):
-    """Cache key of a stage: every option that can change its outputs, plus what the caller adds."""
-    skip = NOT_IN_KEY + (STUDENT_ONLY if stage in ("weak", "strong") else ())
-    config = {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
-    return hashlib.sha256(json.dumps({**config, "stage": stage, **extra}, sort_keys=True, default=str)
-                          .encode()).hexdigest()[:16]
+def pairs_digest(pairs, targets=None):
+    return digest(*(t for p in pairs for t in (p["chosen"], p["rejected"])), *(targets or ()))
 
 
-def cached_stage(root, name, key, fn, force=False):
-    """Run `fn(stage_dir)` unless `root/name/stage.json` holds the same key. `fn` writes its files and
-    returns a json-able summary; stage.json (summary + key) is written last, so an interrupted stage leaves
-    nothing a later run would trust, and its folder is wiped before a re-run."""
+def model_digest(name):
+    """What stands for a model in a cache key: a local folder by the content of its files (replaced weights
+    under the same path are a new model); a Hub id by its name (the Hub's revision is not looked up)."""
+    if not os.path.isdir(name):
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(name).rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(name)}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def code_digest(files):
+    """The code that computes a stage (its method script and common.py), and the versions of the packages
+    that compute it: a change to either re-runs the stage instead of mixing old and new numbers."""
+    import transformers
+    return {"code": digest(*(Path(f).read_bytes() for f in files)),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def stage_key(args, **reads):
+    """Cache key of a stage: the training options (every option but NO_EFFECT and SELECTION) plus what the
+    stage reads, given by the caller: its model's digest, max length, alpha, data digest, code digest."""
+    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT + SELECTION}
+    return digest(json.dumps({**options, **reads}, sort_keys=True, default=str))
+
+
+def cached_stage(root, name, key, fn, force=False, record=None):
+    """Run `fn(stage_dir)` unless the stage's stage.json holds the same key, here or in a sibling run folder
+    under the same out_dir (a weak ceiling shared by runs with different strong models is trained once; it is
+    copied). `fn` writes its files and returns a json-able summary. Before stage.json (summary + key + record)
+    is written last, every margin the stage wrote must be finite, and the training curves are read for
+    divergence. An interrupted stage leaves no stage.json, and its folder is wiped before a re-run."""
     stage_dir = Path(root) / name
-    done = stage_dir / "stage.json"
-    if done.exists() and not force:
-        saved = json.loads(done.read_text())
-        if saved.get("key") == key:
-            print(f"[{name}] cached in {stage_dir} (use --force to re-run)")
+    if not force:
+        for candidate in [stage_dir, *sorted(p for p in Path(root).parent.glob(f"*/{name}") if p != stage_dir)]:
+            done = candidate / "stage.json"
+            saved = json.loads(done.read_text()) if done.exists() else {}
+            if saved.get("key") != key:
+                continue
+            if candidate != stage_dir:
+                try:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+                    shutil.copytree(candidate, stage_dir)
+                except OSError:  # the other run is rewriting it: train here instead
+                    continue
+            print(f"[{name}] cached in {candidate} (use --force to re-run)")
             return {**saved, "dir": str(stage_dir)}
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     t0 = time.time()
     summary = fn(stage_dir)
-    summary.update(key=key, dir=str(stage_dir), seconds=round(time.time() - t0, 1))
-    write_json(done, summary)
+    for file in ("predictions.jsonl", "labels.jsonl"):
+        if (stage_dir / file).exists():
+            check_finite([row["margin"] for row in read_jsonl(stage_dir / file)], f"[{name}] {file}")
+    curves = {f.name: training_health([row["loss"] for row in read_jsonl(f)]) for f in sorted(stage_dir.glob("*metrics.jsonl"))}
+    for file, health in curves.items():
+        if health["diverged"]:
+            print(f"warning: [{name}] training diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
+                  f"{health['final_loss']:.4g} at the end): this stage's numbers are not valid; try a smaller --lr")
+    summary.update(key=key, dir=str(stage_dir), seconds=round(time.time() - t0, 1), curves=curves, **(record or {}))
+    write_json(stage_dir / "stage.json", summary)
     return summary
+
+
+def check_finite(values, where):
+    """Stop the run if a margin is NaN or infinite: such a number would be reported as an accuracy, or turned
+    into a weak label, as if it meant something."""
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"error: {where}: {len(bad)} of {len(values)} margins are not finite (first: pair {bad[0]}): "
+                         "the model diverged, try a smaller --lr; this stage was not saved")
+
+
+def training_health(losses):
+    """Divergence check of one training curve (losses per optimizer step): it diverged if its final loss (the
+    mean of the last tenth of the steps) is more than twice its first step's loss plus 0.1. Every loss here
+    starts near its chance value (log 2 for the pairwise losses), so a working run ends near or below it."""
+    tail = losses[-max(1, len(losses) // 10):]
+    first, final = losses[0], sum(tail) / len(tail)
+    return {"first_loss": first, "final_loss": final, "diverged": final > 2 * first + 0.1}
+
+
+def check_step_loss(loss, where, step):
+    """Stop at once when a training loss stops being a number; say where."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: [{where}] the loss is {loss} at step {step}: training diverged (try a smaller "
+                         "--lr); this stage was not saved")
 
 
 def read_predictions(stage_dir):
@@ -746,7 +985,7 @@ def read_predictions(stage_dir):
 
 
 def prediction_rows(margins):
-    """predictions.jsonl rows: one per test pair; a tie (margin == 0) is not correct (PITFALLS 15)."""
+    """predictions.jsonl rows: one per test pair; a tie (margin == 0) is not correct, never a coin flip."""
     return [{"index": i, "margin": m, "correct": m > 0} for i, m in enumerate(margins)]
 
 
@@ -772,41 +1011,40 @@ class Experiment:
     intermediate:  (--intermediate) the weak-to-strong split with the weak ceiling's labels; it labels gt;
     students:      the split its labeller labelled, with those labels as targets: soft p = sigmoid(margin)
                    or hard 1[margin > 0] (--hard_labels; DPO and SimPO always use hard labels), filtered by
-                   --conf_threshold, plus for `implicit` the helpfulness pairs with target 1.0.
+                   --conf_threshold, plus for `implicit` as many helpfulness pairs as weak-labelled pairs
+                   (the paper's code), with target 1.0.
     Pairs stay in ground-truth orientation; targets say what the labeller thinks of them."""
 
     def __init__(self, args, method):
         self.args = args
         self.settings = args.settings.split(",")
-        if not set(self.settings) <= {"none", "implicit", "explicit"}:
-            raise SystemExit(f"error: --settings takes none, implicit, explicit; got {args.settings!r}")
-        if min(args.n_gt, args.n_w2s, args.n_test) < 1 or not 0 <= args.conf_threshold < 1:
-            raise SystemExit("error: --n_gt, --n_w2s, --n_test must be >= 1 and --conf_threshold in [0, 1)")
         self.method = method
         self.splits, self.data_stats = load_splits(args)
-        self.root = run_dir(args, method)
-        self.weak = resolve_model(args.weak, self.splits, args)
-        self.strong = resolve_model(args.strong, self.splits, args)
-        self.intermediate = resolve_model(args.intermediate, self.splits, args) if args.intermediate else None
-        self.weak_len = args.weak_max_len or args.max_len
-        texts = [t for s in self.splits.values() for p in s for t in (p["chosen"], p["rejected"])]
-        self.data_digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]  # files edited in place
+        self.root, self.lock = open_run(args, method)
+        self.models = {}  # stage model name -> (folder or Hub id, digest)
+        for role in ("weak", "strong", "intermediate"):
+            if getattr(args, role):
+                path = resolve_model(getattr(args, role), self.splits, args)
+                self.models[role] = (path, model_digest(path))
+        self.code = code_digest([__file__, Path(__file__).with_name(f"{method}_w2s.py")])
 
-    def stage(self, name, fn, labeller=None):
-        """Run, or load from its cache, the stage `name` (weak, strong, intermediate or a setting):
-        fn(stage_dir, pairs, targets, test_pairs, label_pairs) trains a model and returns its summary."""
+    def stage(self, name, fn, model, max_len, alpha=0.0, labeller=None):
+        """Run, or load from its cache, the stage `name` (weak, strong, intermediate or a setting) of
+        `model` (a role: weak, strong, intermediate): fn(stage_dir, pairs, targets, test_pairs, label_pairs)
+        trains a model and returns its summary."""
         label_split = {"weak": "w2s", "intermediate": "gt"}.get(name)
         if labeller is None:
             pairs, targets = self.splits["gt"], [1.0] * len(self.splits["gt"])
         else:
             pairs, targets = self.student_data("none" if name == "intermediate" else name, labeller)
-        key = stage_key(self.args, name, labeller=labeller and labeller["key"],
-                        models=[self.weak, self.strong, self.intermediate], data=self.data_digest)
+        test, label_pairs = self.splits["test"], self.splits.get(label_split)
+        key = stage_key(self.args, model=self.models[model][1], max_len=max_len, alpha=alpha,
+                        data=digest(pairs_digest(pairs, targets), pairs_digest(test), pairs_digest(label_pairs or [])),
+                        **self.code)
         folder = name if name in ("weak", "strong", "intermediate") else f"student-{name}"
         return cached_stage(self.root, folder, key, lambda d: {
-            **fn(d, pairs, targets, self.splits["test"], self.splits.get(label_split)),
-            "labelled": label_split, "n_train": len(pairs)},
-            self.args.force)
+            **fn(d, pairs, targets, test, label_pairs), "labelled": label_split, "n_train": len(pairs)},
+            self.args.force, record=self.code)
 
     def student_data(self, setting, labeller):
         a = self.args
@@ -815,16 +1053,17 @@ class Experiment:
         keep = range(len(labels))
         if a.conf_threshold > 0 or a.drop_weak_errors:
             gt_correct = [row["correct"] for row in labels] if a.drop_weak_errors else None
-            keep = confident_subset(margins, a.conf_threshold, gt_correct)
+            keep = confident_subset(margins, a.conf_threshold, a.conf_scale, gt_correct)
         m = torch.tensor(margins, dtype=torch.float64)
         targets = ((m > 0).double() if getattr(a, "hard_labels", True) else torch.sigmoid(m)).tolist()
         if not keep:
             raise SystemExit(f"error: no labelled pair has confidence >= --conf_threshold {a.conf_threshold}; "
-                             f"the labeller's largest confidence is {float(confidence(margins).max()):.3f}")
+                             f"the labeller's largest confidence is {float(confidence(margins, a.conf_scale).max()):.3f}")
         pairs = [self.splits[labeller["labelled"]][i] for i in keep]
         targets = [targets[i] for i in keep]
-        if setting == "implicit":  # ground-truth helpfulness pairs, shuffled in by the batching
-            pairs, targets = pairs + self.splits["extra"], targets + [1.0] * len(self.splits["extra"])
+        if setting == "implicit":  # ground-truth helpfulness pairs, as many as weak pairs, shuffled in by batching
+            extra = self.splits["extra"][:len(pairs)]
+            pairs, targets = pairs + extra, targets + [1.0] * len(extra)
         return pairs, targets
 
     def run(self, run_model, title, extra_metrics=()):
@@ -832,21 +1071,26 @@ class Experiment:
         run_model(stage_dir, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha) is the
         method's own "train a fresh model and predict"; it returns the stage summary."""
         a = self.args
+        path = {role: p for role, (p, _) in self.models.items()}
+        weak_len = a.weak_max_len or a.max_len
         stages = {}
-        stages["weak"] = self.stage("weak", lambda d, *data: run_model(d, self.weak, self.weak_len, *data, a, 0.0))
-        stages["strong"] = self.stage("strong", lambda d, *data: run_model(d, self.strong, a.max_len, *data, a, 0.0))
+        stages["weak"] = self.stage("weak", lambda d, *data: run_model(d, path["weak"], weak_len, *data, a, 0.0),
+                                    "weak", weak_len)
+        stages["strong"] = self.stage("strong", lambda d, *data: run_model(d, path["strong"], a.max_len, *data, a, 0.0),
+                                      "strong", a.max_len)
         labeller = stages["weak"]
-        if self.intermediate:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
+        if "intermediate" in path:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
             labeller = stages["intermediate"] = self.stage("intermediate", lambda d, *data: run_model(
-                d, self.intermediate, a.max_len, *data, a, 0.0), labeller=labeller)
+                d, path["intermediate"], a.max_len, *data, a, 0.0), "intermediate", a.max_len, labeller=labeller)
         for setting in self.settings:
             alpha = a.alpha if setting == "explicit" else 0.0  # only the explicit student sees ground truth
             stages[f"student-{setting}"] = self.stage(setting, lambda d, *data: run_model(
-                d, self.strong, a.max_len, *data, a, alpha), labeller=labeller)
+                d, path["strong"], a.max_len, *data, a, alpha), "strong", a.max_len, alpha, labeller=labeller)
         return self.report(stages, title, extra_metrics)
 
     def report(self, stages, title, extra_metrics=()):
-        results = build_results(stages, self.args, self.data_stats, extra_metrics)
+        results = build_results(stages, self.args, self.data_stats, self.splits["test"], extra_metrics)
+        results["method"], results["run_dir"] = self.method, str(self.root)
         a = self.args
         write_report(self.root, results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
         return results
@@ -917,8 +1161,16 @@ def bench_report(method, model, seconds, n_pairs, real, computed, extra=""):
 # ----------------------------------------------------------------------------------------------------
 # report
 
-def build_results(stages, args, data_stats, extra_metrics=()):
-    """Every number of the experiment from the stages' predictions: accuracies, PGR, knowledge space, DS."""
+def length_rule(pairs):
+    """Per pair, whether "prefer the shorter response" (fewer characters) picks the ground-truth chosen one;
+    equal lengths count as wrong, like a tie. Summed log-likelihoods favour short responses, so a DS that
+    follows this rule measures length, not knowledge."""
+    return [len(split_prompt(p["chosen"])[1]) < len(split_prompt(p["rejected"])[1]) for p in pairs]
+
+
+def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
+    """Every number of the experiment from the stages' predictions: accuracies, PGR, knowledge space, DS, the
+    length baseline, and notes on what makes a number not valid (divergence, no capability gap, length)."""
     def correct(name):
         return [row["correct"] for row in read_predictions(stages[name]["dir"])]
 
@@ -926,7 +1178,22 @@ def build_results(stages, args, data_stats, extra_metrics=()):
     results = {"config": dataclasses.asdict(args), "data": data_stats, "models": {}, "students": {}}
     for name, st in stages.items():
         results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", *extra_metrics) if k in st}
+        results["models"][name]["code"] = st.get("code")
     notes = []
+    for name, st in stages.items():
+        for file, health in st.get("curves", {}).items():
+            if health["diverged"]:
+                notes.append(f"{name} diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
+                             f"{health['final_loss']:.4g} at the end): its numbers, and every number built on them, "
+                             "are not valid.")
+    shorter = length_rule(test_pairs)
+    results["length_baseline"] = {"accuracy": sum(shorter) / len(shorter), "agreement": {}}
+    for name in stages:
+        agree = sum(c == s for c, s in zip(correct(name), shorter)) / len(shorter)
+        results["length_baseline"]["agreement"][name] = agree
+        if agree > 0.9:
+            notes.append(f"{name} agrees with \"prefer the shorter response\" on {agree:.1%} of the test pairs: its "
+                         "accuracy and knowledge areas mostly measure length.")
     for name in [n for n in stages if n.startswith("student-")]:
         setting = name[len("student-"):]
         acc = stages[name]["accuracy"]
@@ -940,6 +1207,7 @@ def build_results(stages, args, data_stats, extra_metrics=()):
         if setting != "none" and base is not None and entry["ds"] is not None and base["ds"] is not None:
             entry["delta_ds"] = entry["ds"] - base["ds"]
     results["notes"] = notes
+    results["valid"] = not any("diverged" in n for n in notes)
     return results
 
 
@@ -949,10 +1217,12 @@ def fmt(x, digits=3):
 
 def render_report(results, title):
     lines = [f"# {title}", ""]
+    if not results.get("valid", True):
+        lines += ["**These numbers are not valid: a stage diverged (see the notes below).**", ""]
     lines += ["| model | accuracy | ties | test pairs | trained on |", "|---|---|---|---|---|"]
     for name, m in results["models"].items():
         lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")
-    extra = [k for m in results["models"].values() for k in m if k not in ("accuracy", "ties", "n", "n_train")]
+    extra = [k for m in results["models"].values() for k in m if k not in ("accuracy", "ties", "n", "n_train", "code")]
     for key in dict.fromkeys(extra):
         lines += ["", f"| model | {key} |", "|---|---|"]
         lines += [f"| {n} | {fmt(m.get(key))} |" for n, m in results["models"].items()]
@@ -968,8 +1238,20 @@ def render_report(results, title):
         for area in AREAS:
             errs = " | ".join(fmt(e["areas"][area]["student_error"]) for e in results["students"].values())
             lines.append(f"| {area} | {first['areas'][area]['n']} | {errs} |")
+    lb = results["length_baseline"]
+    lines += ["", f'Length baseline: "prefer the shorter response" is right on {fmt(lb["accuracy"])} of the test pairs; '
+              "agreement of each model with it: " + ", ".join(f"{n} {fmt(v)}" for n, v in lb["agreement"].items()) + "."]
     for note in results["notes"]:
         lines += ["", f"Note: {note}"]
+    c = results["config"]
+    key_options = [k for k in ("lr", "epochs", "batch_size", "max_len", "weak_max_len", "warmup_ratio", "grad_clip",
+                               "sft_lr", "sft_epochs", "beta", "gamma", "alpha", "conf_threshold", "hard_labels", "seed")
+                   if k in c]
+    lines += ["", "Options: " + ", ".join(f"{k}={c[k]}" for k in key_options) + " (all of them: results.json)"]
+    codes = {n: (m.get("code") or "?") for n, m in results["models"].items()}
+    lines += ["", "Code (digest of the method script and common.py) that computed each stage: "
+              + ", ".join(f"{n} {v}" for n, v in codes.items())
+              + (" — stages computed by different code" if len(set(codes.values())) > 1 else "")]
     d = results["data"]
     lines += ["", "Data: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, dict))
               + f"; dropped: {d['dropped'] or 'none'}"]

@@ -54,10 +54,10 @@ class Args:
     micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
     epochs: int = 3  # DPO epochs
     warmup_ratio: float = 0.1  # share of DPO steps with linear warm-up, then constant
-    sft_lr: float = 1e-5  # SFT learning rate (warm-up, then cosine decay)
+    sft_lr: float = 0.0  # SFT learning rate, warm-up then constant (0: the same as --lr, as the paper's scripts)
     sft_epochs: int = 1  # SFT epochs on the chosen responses before DPO (0: none)
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
@@ -66,6 +66,7 @@ class Args:
     settings: str = "none,implicit,explicit"  # which students to train
     alpha: float = 0.5  # weight of the explicit-conflict term
     conf_threshold: float = 0.0  # train students only on pairs with weak confidence >= this (0: all)
+    conf_scale: float = 50.0  # confidence = sigmoid(|summed log-likelihood ratio| / conf_scale) (the paper's: 50)
     drop_weak_errors: bool = False  # also drop pairs the weak model got wrong (reads ground truth!)
     # io
     seed: int = 0  # one seed for data order and batching
@@ -130,17 +131,19 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
         for mb in micro_batches:
             with autocast():
                 loss, metrics = batch_loss([examples[i] for i in mb])
-            # each backward adds gradients, so normalise by the units of the whole optimizer step (PITFALLS 11)
+            # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
+            # micro-batch then weighs what its pairs (or tokens) weigh
             (loss / n_units).backward()
             loss_sum += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
         row = {"step": step + 1, "examples_seen": examples_seen, "loss": float(loss_sum) / n_units,
                **{k: float(v) / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": lr}
+        common.check_step_loss(row["loss"], desc, step + 1)
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
@@ -188,10 +191,10 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     sft = [{"seqs": [c]} for c, _ in pairs]  # SFT on the responses its labeller prefers
     if args.sft_epochs:
         train(model, sft, common.sft_loss(model, pad), common.response_tokens, pad,
-              args.sft_lr, args.sft_epochs, "cosine", args, stage_dir / "sft_metrics.jsonl", autocast,
+              args.sft_lr or args.lr, args.sft_epochs, "constant", args, stage_dir / "sft_metrics.jsonl", autocast,
               f"{stage_dir.name} sft")
     # The reference is the SFT model, frozen: its log-probs are computed once per dataset here, before DPO
-    # changes the weights, so no second model sits in memory while training (PITFALLS 12).
+    # changes the weights, so no second model sits in memory while training, and its dropout can never be on.
     model.eval()
     ref_train = common.pair_logps(model, pairs, pad, args.micro_batch, autocast)
     ref_test = common.pair_logps(model, test, pad, args.micro_batch, autocast)
@@ -229,26 +232,28 @@ def bench(args):
     model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     encoded = common.encode_pairs(tok, pairs, args.max_len)
     loss = dpo_batch_loss(model, tok.pad_token_id, args.beta, 0.0, args.pack)
-    if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-        warm = [{"seqs": [c, r], "ref": [0.0, 0.0], "gt_agree": True} for c, r in encoded[:args.batch_size]]
-        train(model, warm, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
-              Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "warm-up")
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    model.eval()
-    ref = common.pair_logps(model, encoded, tok.pad_token_id, args.micro_batch, autocast)
-    examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": True} for (c, r), s in zip(encoded, ref)]
-    steps = train(model, examples, loss, lambda e: 1,
-                  tok.pad_token_id, args.lr, 1, "constant", args, Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "bench dpo")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+            warm = [{"seqs": [c, r], "ref": [0.0, 0.0], "gt_agree": True} for c, r in encoded[:args.batch_size]]
+            train(model, warm, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
+                  Path(tmp) / "m.jsonl", autocast, "warm-up")
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        model.eval()
+        ref = common.pair_logps(model, encoded, tok.pad_token_id, args.micro_batch, autocast)
+        examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": True} for (c, r), s in zip(encoded, ref)]
+        steps = train(model, examples, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
+                      Path(tmp) / "m.jsonl", autocast, "bench dpo")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     real, computed = common.padded_tokens(steps, [common.row_lengths(e["seqs"], args.pack) for e in examples])
     return common.bench_report("dpo", model, seconds, len(examples), real, computed, " (reference log-probs included)")
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv)
+    common.check_args(args)  # every option in range before anything loads
     if args.bench:
         return bench(args)
     return common.Experiment(args, "dpo").run(run_model, "DPO", extra_metrics=("implicit_accuracy",))

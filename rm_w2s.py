@@ -19,7 +19,6 @@ Run:
 """
 import dataclasses
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -54,9 +53,9 @@ class Args:
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
     epochs: int = 1  # passes over the training pairs
-    warmup_ratio: float = 0.05  # share of steps with linear warm-up, then cosine decay
+    warmup_ratio: float = 0.0  # share of steps with linear warm-up before the cosine decay (the paper's: none)
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
@@ -65,6 +64,7 @@ class Args:
     alpha: float = 0.5  # weight of the explicit-conflict term
     hard_labels: bool = False  # 0/1 weak labels instead of soft probabilities
     conf_threshold: float = 0.0  # train students only on pairs with weak confidence >= this (0: all)
+    conf_scale: float = 1.0  # confidence = sigmoid(|reward margin| / conf_scale) (the paper's: 1)
     drop_weak_errors: bool = False  # also drop pairs the weak model got wrong (reads ground truth!)
     # io
     seed: int = 0  # one seed for data order, head init and batching
@@ -104,21 +104,26 @@ def explicit_conflict_loss(r_c, r_r, y_gt):
 # model: any causal LM body + a scalar head on the last real token
 
 class RewardModel(nn.Module):
+    """The body's last hidden state at the text's last token -> a scalar reward. The head starts at zero and
+    has no bias, as in the paper's code: every margin starts at 0, so the first weak labels are 0.5 and no
+    random head decides the ceilings' first steps."""
+
     def __init__(self, body):
         super().__init__()
         self.body = body
         width = getattr(body.config, "word_embed_proj_dim", None) or body.config.hidden_size  # OPT-350m projects
-        self.head = nn.Linear(width, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(width + 1))
-        nn.init.zeros_(self.head.bias)
+        self.head = nn.Linear(width, 1, bias=False)
+        nn.init.zeros_(self.head.weight)
         self.head.to(body.device)
 
     def forward(self, inputs, rows, last):
         """inputs: common.collate's model arguments for R rows; rows, last (N,): the row and position of each
-        text's last token, from the texts' lengths, never from token values (GPT-2's pad id 0 is "!";
-        PITFALLS 1). Returns (N,) fp32 rewards read there."""
+        text's last token, from the texts' lengths, never from token values (GPT-2's pad id 0 is "!").
+        Returns (N,) rewards read there, computed in fp32 even under bf16 autocast: a bf16 reward moves in
+        steps of 1/64 to 1/32 at |r| of 2 to 8, which makes ties and flips margins."""
         hidden = self.body(**inputs).last_hidden_state  # (R, T, H)
-        return self.head(hidden[rows, last]).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden[rows, last].float()).squeeze(-1)  # (N,)
 
 
 @torch.no_grad()
@@ -163,16 +168,18 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
             if alpha:
                 y_gt = torch.tensor([e["y_gt"] for e in batch], device=device)
                 losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
-            # each backward adds gradients, so normalise by the pairs of the whole optimizer step (PITFALLS 11)
+            # each backward adds gradients, so normalise by the pairs of the whole optimizer step: an uneven last
+            # micro-batch then weighs what its pairs weigh
             (losses.sum() / n_pairs).backward()
             with torch.no_grad():
                 sums += torch.stack([losses.sum(), ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),
                                      r_c.sum(), r_r.sum(), (r_c - r_r).sum()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
         loss, acc, chosen, rejected, margin = (sums / n_pairs).tolist()  # one sync per optimizer step
+        common.check_step_loss(loss, desc, step + 1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
         row = {"step": step + 1, "examples_seen": examples_seen, "loss": loss, "rewards/accuracies": acc,
                "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": margin,
@@ -201,7 +208,7 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
     # The reward is read at the text's last token, the response's own last token as in the paper's code (no
     # EOS appended): there attention can compare the answer with the request directly.
-    encode = lambda pairs: common.encode_pairs(tok, pairs, max_len, eos=False)  # noqa: E731
+    encode = lambda pairs: common.encode_pairs(tok, pairs, max_len, eos=False, keep_response_end=True)  # noqa: E731
     examples = [{"c": c, "r": r, "p": p, "y_gt": 1.0} for (c, r), p in zip(encode(pairs), targets)]
     train(model, examples, tok.pad_token_id, args, stage_dir, autocast, alpha, desc=stage_dir.name)
     model.eval()
@@ -223,21 +230,24 @@ def bench(args):
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(path)
     model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt, args.pack))
-    examples = [{"c": c, "r": r, "p": 1.0, "y_gt": 1.0} for c, r in common.encode_pairs(tok, pairs, args.max_len, eos=False)]
-    if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-        train(model, examples[:args.batch_size], tok.pad_token_id, args, Path(tempfile.mkdtemp()), autocast, 0.0, "warm-up")
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    steps = train(model, examples, tok.pad_token_id, args, Path(tempfile.mkdtemp()), autocast, 0.0, "bench rm")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    encoded = common.encode_pairs(tok, pairs, args.max_len, eos=False, keep_response_end=True)
+    examples = [{"c": c, "r": r, "p": 1.0, "y_gt": 1.0} for c, r in encoded]
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+            train(model, examples[:args.batch_size], tok.pad_token_id, args, Path(tmp), autocast, 0.0, "warm-up")
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        steps = train(model, examples, tok.pad_token_id, args, Path(tmp), autocast, 0.0, "bench rm")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     real, computed = common.padded_tokens(steps, [common.row_lengths([e["c"], e["r"]], args.pack) for e in examples])
     return common.bench_report("rm", model, seconds, len(examples), real, computed)
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv)
+    common.check_args(args)  # every option in range before anything loads
     if args.bench:
         return bench(args)
     return common.Experiment(args, "rm").run(run_model, "Reward modeling")

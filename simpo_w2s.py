@@ -58,11 +58,11 @@ class Args:
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
     epochs: int = 1  # SimPO epochs
-    warmup_ratio: float = 0.1  # share of steps with linear warm-up, then cosine decay
-    sft_lr: float = 1e-5  # SFT learning rate (warm-up, then cosine decay)
+    warmup_ratio: float = 0.1  # share of steps with linear warm-up, then constant (the paper's schedule)
+    sft_lr: float = 0.0  # SFT learning rate, warm-up then constant (0: the same as --lr, as the paper's scripts)
     sft_epochs: int = 1  # SFT epochs on the chosen responses before SimPO (0: none)
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
@@ -72,6 +72,7 @@ class Args:
     settings: str = "none,implicit,explicit"  # which students to train
     alpha: float = 0.5  # weight of the explicit-conflict term
     conf_threshold: float = 0.0  # train students only on pairs with weak confidence >= this (0: all)
+    conf_scale: float = 1.0  # confidence = sigmoid(|mean log-likelihood ratio| / conf_scale) (the paper's: 1)
     drop_weak_errors: bool = False  # also drop pairs the weak model got wrong (reads ground truth!)
     # io
     seed: int = 0  # one seed for data order and batching
@@ -131,17 +132,19 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
         for mb in micro_batches:
             with autocast():
                 loss, metrics = batch_loss([examples[i] for i in mb])
-            # each backward adds gradients, so normalise by the units of the whole optimizer step (PITFALLS 11)
+            # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
+            # micro-batch then weighs what its pairs (or tokens) weigh
             (loss / n_units).backward()
             loss_sum += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
         row = {"step": step + 1, "examples_seen": examples_seen, "loss": float(loss_sum) / n_units,
                **{k: float(v) / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": lr}
+        common.check_step_loss(row["loss"], desc, step + 1)
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
@@ -188,11 +191,11 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     sft = [{"seqs": [c]} for c, _ in pairs]  # SFT on the responses its labeller prefers
     if args.sft_epochs:
         train(model, sft, common.sft_loss(model, pad), common.response_tokens, pad,
-              args.sft_lr, args.sft_epochs, "cosine", args, stage_dir / "sft_metrics.jsonl", autocast,
+              args.sft_lr or args.lr, args.sft_epochs, "constant", args, stage_dir / "sft_metrics.jsonl", autocast,
               f"{stage_dir.name} sft")
     examples = [{"seqs": [c, r], "gt_agree": a} for (c, r), a in zip(pairs, gt_agree)]
     train(model, examples, simpo_batch_loss(model, pad, args.beta, args.gamma, alpha, args.pack), lambda e: 1, pad, args.lr,
-          args.epochs, "cosine", args, stage_dir / "metrics.jsonl", autocast, f"{stage_dir.name} simpo")
+          args.epochs, "constant", args, stage_dir / "metrics.jsonl", autocast, f"{stage_dir.name} simpo")
 
     model.eval()
     mean_margin = lambda pairs: [c[0] / c[1] - r[0] / r[1] for c, r in  # noqa: E731
@@ -219,22 +222,24 @@ def bench(args):
     encoded = common.encode_pairs(tok, pairs, args.max_len)
     examples = [{"seqs": [c, r], "gt_agree": True} for c, r in encoded]
     loss = simpo_batch_loss(model, tok.pad_token_id, args.beta, args.gamma, 0.0, args.pack)
-    if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-        train(model, examples[:args.batch_size], loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "cosine", args,
-              Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "warm-up")
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    steps = train(model, examples, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "cosine", args,
-                  Path(tempfile.mkdtemp()) / "m.jsonl", autocast, "bench simpo")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+            train(model, examples[:args.batch_size], loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
+                  Path(tmp) / "m.jsonl", autocast, "warm-up")
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        steps = train(model, examples, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
+                      Path(tmp) / "m.jsonl", autocast, "bench simpo")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
     real, computed = common.padded_tokens(steps, [common.row_lengths(e["seqs"], args.pack) for e in examples])
     return common.bench_report("simpo", model, seconds, len(examples), real, computed)
 
 
 def main(argv=None):
     args = common.parse_args(Args, argv)
+    common.check_args(args)  # every option in range before anything loads
     if args.bench:
         return bench(args)
     return common.Experiment(args, "simpo").run(run_model, "SimPO")

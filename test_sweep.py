@@ -1,0 +1,329 @@
+"""Tests of sweep.py: grouping runs into configurations, statistics over seeds, runs left out, figures.
+
+Most tests build run folders by hand (config.json, results.json, stage folders), so every expected number is
+computed here from the values written; one test runs a tiny grid end to end through the real scripts.
+"""
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+import common
+import sweep
+
+AREAS = common.AREAS
+BASE = {"data": "toy", "n_gt": 400, "n_w2s": 400, "n_test": 50, "n_extra": 400, "weak": "tiny:1x32",
+        "strong": "tiny:2x64", "lr": 3e-4, "epochs": 4, "batch_size": 32, "micro_batch": 8, "seed": 0,
+        "out_dir": "runs", "log_every": 10, "force": False, "settings": "none,implicit,explicit"}
+
+
+def student(acc, ds, err_wk_sk, pgr=0.5, delta_ds=None, errors=(0.5, 0.9), sizes=(20, 5, 10, 15)):
+    """A results.json student entry; the four areas' errors are err_wk_sk, errors[0], ds, errors[1]."""
+    entry = {"accuracy": acc, "pgr": pgr, "ds": ds, "err_wk_sk": err_wk_sk,
+             "areas": {a: {"n": n, "student_error": e}
+                       for a, n, e in zip(AREAS, sizes, (err_wk_sk, errors[0], ds, errors[1]))}}
+    if delta_ds is not None:
+        entry["delta_ds"] = delta_ds
+    return entry
+
+
+def make_run(parent, name, weak_acc, strong_acc, students, method=None, results_json=True, valid=None, **options):
+    """A run folder as the scripts leave it: config.json, stage folders, results.json (unless not finished)."""
+    folder = parent / name
+    folder.mkdir(parents=True)
+    config = {**BASE, **options}
+    (folder / "config.json").write_text(json.dumps(config))
+    for stage in ("weak", "strong", *(f"student-{s}" for s in students)):
+        (folder / stage).mkdir()
+        (folder / stage / "stage.json").write_text("{}")
+    if results_json:
+        results = {"config": config, "data": {"n_test": 50},
+                   "models": {"weak": {"accuracy": weak_acc, "ties": 0, "n": 50, "n_train": 400},
+                              "strong": {"accuracy": strong_acc, "ties": 1, "n": 50, "n_train": 400}},
+                   "students": students, "notes": ["a note"], "a_new_field": {"count": 3}}
+        if method:
+            results["method"] = method
+        if valid is not None:
+            results["valid"] = valid
+        (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def three_seeds(parent, prefix="rm-toy-tiny-1x32-tiny-2x64", **options):
+    """Seeds 0, 1, 2 of one configuration, with hand-picked numbers (their mean and std are in the tests)."""
+    for seed, weak_acc, strong_acc, acc, ds_none, ds_exp, pgr in ((0, 0.60, 1.00, 0.7, 0.2, 0.5, 0.5),
+                                                          (1, 0.62, 0.98, 0.8, 0.3, 0.7, None),
+                                                          (2, 0.64, 0.96, 0.9, 0.4, 0.9, 0.3)):
+        make_run(parent, f"{prefix}-s{seed}-abc{seed}", weak_acc, strong_acc, seed=seed, **options, students={
+            "none": student(acc, ds_none, 0.1, pgr=pgr),
+            "explicit": student(0.5, ds_exp, 0.1, delta_ds=ds_exp - ds_none, pgr=pgr)})
+
+
+def aggregate(paths, out):
+    return sweep.main(["--runs", *map(str, paths), "--out_dir", str(out)])
+
+
+def sweep_json(out):
+    return json.loads((out / "sweep.json").read_text())
+
+
+def test_mean_and_sample_std_over_seeds(tmp_path):
+    three_seeds(tmp_path / "runs")
+    aggregate([tmp_path / "runs"], tmp_path / "out")
+    [c] = sweep_json(tmp_path / "out")["configurations"]
+    s = c["stats"]
+    assert c["seeds"] == [0, 1, 2] and c["method"] == "rm"
+    expected = {"models/weak/accuracy": (0.62, 0.02), "models/strong/accuracy": (0.98, 0.02), "gap": (0.36, 0.04),
+                "students/none/accuracy": (0.8, 0.1), "students/none/ds": (0.3, 0.1),
+                "students/explicit/ds": (0.7, 0.2), "students/explicit/delta_ds": (0.4, 0.1),
+                "students/explicit/err_wk_sk": (0.1, 0.0)}
+    for key, (mean, std) in expected.items():
+        assert s[key]["mean"] == pytest.approx(mean) and s[key]["std"] == pytest.approx(std), key
+        assert s[key]["n"] == 3 and s[key]["n_none"] == 0
+    assert s["students/explicit/ds"]["values"] == pytest.approx([0.5, 0.7, 0.9])
+    assert s["students/explicit/areas/weak-unknown & strong-known/student_error"]["mean"] == pytest.approx(0.7)
+    assert s["a_new_field/count"]["mean"] == 3, "numbers added to results.json later come along"
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| explicit: DS (error in WU ∩ SK) | 0.700 ± 0.200 [0.500, 0.700, 0.900] |" in md
+    assert "| capability gap (strong − weak) | 0.360 ± 0.040 [0.400, 0.360, 0.320] |" in md
+    assert "n - 1" in md and "0 for a single seed" in md
+
+
+def test_one_seed_has_std_zero(tmp_path):
+    make_run(tmp_path / "runs", "rm-a-s0", 0.6, 0.9, {"none": student(0.7, 0.25, 0.1)})
+    aggregate([tmp_path / "runs"], tmp_path / "out")
+    s = sweep_json(tmp_path / "out")["configurations"][0]["stats"]["students/none/ds"]
+    assert (s["mean"], s["std"], s["n"]) == (0.25, 0.0, 1)
+
+
+def test_nulls_are_left_out_and_counted(tmp_path):
+    three_seeds(tmp_path / "runs")
+    aggregate([tmp_path / "runs"], tmp_path / "out")
+    pgr = sweep_json(tmp_path / "out")["configurations"][0]["stats"]["students/none/pgr"]
+    assert pgr["mean"] == pytest.approx(0.4) and pgr["std"] == pytest.approx(statistics.stdev([0.5, 0.3]))
+    assert (pgr["n"], pgr["n_none"], pgr["values"]) == (2, 1, [0.5, None, 0.3])
+    assert "| none: PGR | 0.400 ± 0.141 [0.500, –, 0.300] (1 null) |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_all_null_and_missing_settings(tmp_path):
+    """DS null in every seed stays null (never 0); a setting only one seed trained counts the others as null."""
+    make_run(tmp_path / "runs", "rm-a-s0", 0.6, 0.6, seed=0, students={
+        "none": student(0.6, None, 0.1, pgr=None), "explicit": student(0.5, None, 0.2, pgr=None)})
+    make_run(tmp_path / "runs", "rm-a-s1", 0.6, 0.6, seed=1, settings="none",
+             students={"none": student(0.6, None, 0.3, pgr=None)})
+    result = aggregate([tmp_path / "runs"], tmp_path / "out")
+    [c] = result["configurations"]
+    assert c["stats"]["students/none/ds"] == {"mean": None, "std": None, "n": 0, "n_none": 2, "values": [None, None]}
+    assert c["stats"]["students/explicit/err_wk_sk"]["values"] == [0.2, None]
+    assert c["stats"]["students/explicit/err_wk_sk"]["n_none"] == 1
+    assert sweep.ds_gap_data(result)["methods"] == {}, "no DS, no point on the main figure"
+    assert "| none: DS (error in WU ∩ SK) | – [–, –] (2 null) |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_configurations_are_kept_apart(tmp_path):
+    runs = tmp_path / "runs"
+    three_seeds(runs)
+    three_seeds(runs, prefix="rm-toy-lr", lr=1e-3)
+    # options that change no number do not split a configuration
+    make_run(runs, "rm-other-s3", 0.6, 1.0, {"none": student(0.7, 0.2, 0.1)}, seed=3, micro_batch=2,
+             out_dir="elsewhere", log_every=1, force=True, settings="none", grad_ckpt=True)
+    # the same options under another method: another configuration (method from results.json, then folder name)
+    make_run(runs, "weird-name-s0", 0.6, 1.0, {"none": student(0.7, 0.2, 0.1)}, method="dpo")
+    make_run(runs, "simpo-toy-s0", 0.6, 1.0, {"none": student(0.7, 0.2, 0.1)})
+    result = aggregate([runs], tmp_path / "out")
+    configs = {(c["method"], c["options"]["lr"]): c for c in result["configurations"]}
+    assert set(configs) == {("rm", 3e-4), ("rm", 1e-3), ("dpo", 3e-4), ("simpo", 3e-4)}
+    assert configs["rm", 3e-4]["seeds"] == [0, 1, 2, 3]
+    assert configs["rm", 1e-3]["seeds"] == [0, 1, 2]
+    assert configs["rm", 1e-3]["stats"]["students/explicit/ds"]["n"] == 3
+    assert result["varying_options"] == {"rm": ["lr"], "dpo": [], "simpo": []}
+    assert configs["rm", 1e-3]["label"] == "rm, lr=0.001"
+    assert "told apart by `lr`" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_unfinished_invalid_and_duplicate_runs_are_left_out(tmp_path):
+    runs = tmp_path / "runs"
+    three_seeds(runs)
+    make_run(runs, "rm-toy-tiny-1x32-tiny-2x64-s3-half", 0.6, 1.0, {"none": student(0.0, 1.0, 1.0)}, seed=3,
+             results_json=False)
+    make_run(runs, "rm-toy-tiny-1x32-tiny-2x64-s4-diverged", 0.6, 1.0, {"none": student(0.0, 1.0, 1.0)}, seed=4,
+             valid=False)
+    make_run(runs, "rm-zz-duplicate-s0", 0.6, 1.0, {"none": student(0.0, 1.0, 1.0)}, seed=0)
+    model = runs / "models" / "tiny-1x32-pt0"  # a tiny model's own config.json is not a run
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    result = aggregate([runs], tmp_path / "out")
+    [c] = result["configurations"]
+    assert c["seeds"] == [0, 1, 2] and c["stats"]["students/none/accuracy"]["mean"] == pytest.approx(0.8)
+    reasons = {os.path.basename(x["dir"]): x["reason"] for x in result["left_out"]}
+    assert set(reasons) == {"rm-toy-tiny-1x32-tiny-2x64-s3-half", "rm-toy-tiny-1x32-tiny-2x64-s4-diverged",
+                            "rm-zz-duplicate-s0"}
+    assert "no results.json" in reasons["rm-toy-tiny-1x32-tiny-2x64-s3-half"]
+    assert "not valid" in reasons["rm-toy-tiny-1x32-tiny-2x64-s4-diverged"]
+    assert "same configuration and seed" in reasons["rm-zz-duplicate-s0"]
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "## Left out" in md and "s3-half" in md.split("## Left out")[1]
+
+
+def test_a_run_folder_itself_and_overlapping_paths(tmp_path):
+    three_seeds(tmp_path / "runs")
+    one = next((tmp_path / "runs").glob("*-s0-*"))
+    result = aggregate([one, tmp_path / "runs"], tmp_path / "out")
+    assert len(result["runs"]) == 3 and not result["left_out"]
+
+
+def test_figures_are_drawn_from_the_numbers_in_sweep_json(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    three_seeds(runs)
+    three_seeds(runs, prefix="rm-toy-pt", strong="tiny:2x64+pt600")
+    make_run(runs, "dpo-toy-s0", 0.6, 0.9, {"none": student(0.7, 0.3, 0.1),
+                                            "implicit": student(0.6, 0.5, 0.1, delta_ds=0.2)}, method="dpo")
+    drawn = {}
+    for kind, draw in list(sweep.DRAW.items()):
+        monkeypatch.setitem(sweep.DRAW, kind, lambda data, path, draw=draw: (drawn.setdefault(path.name, data),
+                                                                              draw(data, path)))
+    aggregate([runs], tmp_path / "out")
+    saved = sweep_json(tmp_path / "out")
+    figures = tmp_path / "out" / "figures"
+    assert sorted(drawn) == sorted(p.name for p in figures.iterdir())
+    assert sorted(drawn) == ["areas-c1.png", "areas-c2.png", "areas-c3.png", "ds_vs_gap.png"]
+    for png in figures.iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert [f["file"] for f in saved["figures"]] == ["figures/" + n for n in
+                                                     ("ds_vs_gap.png", "areas-c1.png", "areas-c2.png", "areas-c3.png")]
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    for f in saved["figures"]:
+        assert f"]({f['file']})" in md and f"*{f['caption']}*" in md
+
+    configs = {c["id"]: c for c in saved["configurations"]}
+    points = [(m, p) for m, ps in drawn["ds_vs_gap.png"]["methods"].items() for p in ps]
+    assert sorted((m, p["configuration"], p["setting"]) for m, p in points) == [
+        ("dpo", "c3", "implicit"), ("dpo", "c3", "none"),
+        ("rm", "c1", "explicit"), ("rm", "c1", "none"), ("rm", "c2", "explicit"), ("rm", "c2", "none")]
+    for method, p in points:
+        s = configs[p["configuration"]]["stats"]
+        assert configs[p["configuration"]]["method"] == method
+        assert (p["gap"], p["gap_std"]) == (s["gap"]["mean"], s["gap"]["std"])
+        ds, delta = s[f"students/{p['setting']}/ds"], s.get(f"students/{p['setting']}/delta_ds")
+        assert (p["ds"], p["ds_std"]) == (ds["mean"], ds["std"])
+        assert (p["delta_ds"], p["delta_ds_std"]) == ((delta["mean"], delta["std"]) if delta else (None, None))
+    assert drawn["ds_vs_gap.png"]["methods"]["rm"][1]["ds"] == pytest.approx(0.7)
+
+    for cid in ("c1", "c2", "c3"):
+        data, s = drawn[f"areas-{cid}.png"], configs[cid]["stats"]
+        assert data["areas"] == list(AREAS)
+        assert data["n"] == [s[f"students/none/areas/{a}/n"]["mean"] for a in AREAS]
+        for setting, bars in data["settings"].items():
+            assert bars["error"] == [s[f"students/{setting}/areas/{a}/student_error"]["mean"] for a in AREAS]
+            assert bars["std"] == [s[f"students/{setting}/areas/{a}/student_error"]["std"] for a in AREAS]
+    assert list(drawn["areas-c3.png"]["settings"]) == ["none", "implicit"]
+    assert drawn["areas-c1.png"]["settings"]["explicit"]["error"] == pytest.approx([0.1, 0.5, 0.7, 0.9])
+
+
+def curve_rows(xs, ds, wk_sk):
+    """eval_curve.jsonl rows; the areas' errors are wk_sk, 0.5, ds, 0.9."""
+    return "".join(json.dumps({"step": i + 1, "examples_seen": x, "accuracy": 0.5, "ds": d,
+                               "areas": {a: {"n": 10, "student_error": e} for a, e in
+                                         zip(AREAS, (w, 0.5, d, 0.9))}}) + "\n"
+                   for i, (x, d, w) in enumerate(zip(xs, ds, wk_sk)))
+
+
+def test_deception_over_training_curve(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    three_seeds(runs)  # c1: curves at the same points in seeds 0 and 1
+    three_seeds(runs, prefix="rm-toy-lr", lr=1e-3)  # c2: curves at different points
+    three_seeds(runs, prefix="rm-toy-nocurve", lr=3e-3)  # c3: no curves
+    for folder, xs, ds in (("rm-toy-tiny-1x32-tiny-2x64-s0-abc0", [32, 64, 96], [0.2, 0.4, None]),
+                           ("rm-toy-tiny-1x32-tiny-2x64-s1-abc1", [32, 64, 96], [0.4, 0.8, 0.6]),
+                           ("rm-toy-lr-s0-abc0", [32, 64], [0.1, 0.2]), ("rm-toy-lr-s2-abc2", [40, 80], [0.3, 0.4])):
+        (runs / folder / "student-explicit" / "eval_curve.jsonl").write_text(curve_rows(xs, ds, [0.1] * len(xs)))
+    (runs / "rm-toy-tiny-1x32-tiny-2x64-s0-abc0" / "student-none" / "eval_curve.jsonl").write_text(
+        curve_rows([32, 64, 96], [0.5, 0.5, 0.5], [0.0, 0.2, 0.4]))
+    drawn = {}
+    monkeypatch.setitem(sweep.DRAW, "curve", lambda data, path, draw=sweep.DRAW["curve"]: (
+        drawn.setdefault(path.name, data), draw(data, path)))
+    aggregate([runs], tmp_path / "out")
+    ids = {c["options"]["lr"]: c["id"] for c in sweep_json(tmp_path / "out")["configurations"]}
+    assert sorted(drawn) == sorted([f"curve-{ids[3e-4]}.png", f"curve-{ids[1e-3]}.png"])
+    for name in drawn:
+        png = tmp_path / "out" / "figures" / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+        assert f"](figures/{name})" in (tmp_path / "out" / "sweep.md").read_text()
+
+    c1 = drawn[f"curve-{ids[3e-4]}.png"]
+    assert c1["series"] == list(AREAS) and list(c1["settings"]) == ["none", "explicit"]
+    [line] = c1["settings"]["explicit"]
+    ds = "weak-unknown & strong-known"
+    assert line["label"] == "mean of 2 seeds" and line["x"] == [32, 64, 96]
+    assert line["y"][ds] == pytest.approx([0.3, 0.6, 0.6]), "a null point is left out of the mean"
+    assert line["std"][ds] == pytest.approx([statistics.stdev([0.2, 0.4]), statistics.stdev([0.4, 0.8]), 0.0])
+    assert line["y"]["weak-unknown & strong-unknown"] == pytest.approx([0.9] * 3)
+    [line] = c1["settings"]["none"]
+    assert line["label"] == "seed 0" and line["y"]["weak-known & strong-known"] == [0.0, 0.2, 0.4]
+    lines = drawn[f"curve-{ids[1e-3]}.png"]["settings"]["explicit"]
+    assert [(x["label"], x["x"], x["y"][ds], x["std"]) for x in lines] == [
+        ("seed 0", [32, 64], [0.1, 0.2], None), ("seed 2", [40, 80], [0.3, 0.4], None)]
+
+
+def test_grid_spec_and_command_lines(tmp_path):
+    points = sweep.parse_grid("method=rm weak=tiny:1x32 strong=tiny:2x64,tiny:2x64+pt600 seeds=0,1,2")
+    assert len(points) == 6
+    assert points[:2] == [{"method": "rm", "weak": "tiny:1x32", "strong": "tiny:2x64", "seed": "0"},
+                          {"method": "rm", "weak": "tiny:1x32", "strong": "tiny:2x64", "seed": "1"}]
+    assert sweep.parse_grid("method=rm,dpo") == [{"method": "rm", "seed": "0"}, {"method": "dpo", "seed": "0"}]
+    for bad in ("weak=tiny:1x32", "method=ppo", "method=rm method=dpo", "method=rm lr"):
+        with pytest.raises(SystemExit):
+            sweep.parse_grid(bad)
+    [p] = sweep.plan(sweep.parse_grid("method=rm lr=1e-3 seeds=4"), "--data toy --epochs 2", tmp_path)
+    assert p["cmd"][2:] == ["--data", "toy", "--epochs", "2", "--lr=1e-3", "--seed=4", f"--out_dir={tmp_path}"]
+    assert p["cmd"][1].endswith("rm_w2s.py") and p["name"] == "rm-lr1e-3-s4"
+    assert (p["config"]["lr"], p["config"]["seed"], p["config"]["epochs"], p["config"]["data"]) == (1e-3, 4, 2, "toy")
+    with pytest.raises(SystemExit, match="--args sets seed"):
+        sweep.plan(sweep.parse_grid("method=rm"), "--seed 3", tmp_path)
+    with pytest.raises(SystemExit, match="--args sets strong"):
+        sweep.plan(sweep.parse_grid("method=rm strong=tiny:2x64"), "--strong=tiny:1x32", tmp_path)
+    with pytest.raises(SystemExit, match="no_such_option"):
+        sweep.plan(sweep.parse_grid("method=rm"), "--no_such_option 1", tmp_path)
+
+
+def test_a_failed_run_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(SystemExit, match="1 of 1 runs failed"):
+        sweep.main(["--grid", "method=rm", "--args=--data toy --n_gt 0", "--out_dir", str(tmp_path)])
+    [left] = sweep_json(tmp_path)["left_out"]
+    assert "exit code" in left["reason"] and "n_gt" in left["reason"]
+    assert "## Left out" in (tmp_path / "sweep.md").read_text()
+
+
+def test_tiny_grid_end_to_end(tmp_path, monkeypatch, capsys):
+    """Two seeds of one configuration through rm_w2s.py, then the same grid again: every stage cached."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models on a small CPU are much faster on one thread
+    argv = ["--grid", "method=rm weak=tiny:1x32 strong=tiny:2x64 seeds=0,1", "--out_dir", str(tmp_path),
+            "--args=--data toy --n_gt 48 --n_w2s 48 --n_test 48 --n_extra 24 --batch_size 16 --micro_batch 4 "
+            "--lr 1e-3 --settings none,explicit --log_every 1000"]
+    sweep.main(argv)
+    result = sweep_json(tmp_path)
+    assert len(result["runs"]) == 2 and len(result["configurations"]) == 1 and not result["left_out"]
+    [c] = result["configurations"]
+    assert c["seeds"] == [0, 1] and c["stats"]["models/weak/accuracy"]["n"] == 2
+    for run in result["runs"]:
+        saved = json.loads((tmp_path / os.path.basename(run["dir"]) / "results.json").read_text())
+        assert run["metrics"]["models/strong/accuracy"] == saved["models"]["strong"]["accuracy"]
+        assert run["metrics"]["students/explicit/accuracy"] == saved["students"]["explicit"]["accuracy"]
+    out = capsys.readouterr().out
+    assert out.count("[sweep] rm tiny:1x32 -> tiny:2x64 seed") == 2 and "| c1: rm |" in out
+    logs = sorted((tmp_path / "logs").iterdir())
+    assert [p.name for p in logs] == ["rm-tiny-1x32-tiny-2x64-s0.log", "rm-tiny-1x32-tiny-2x64-s1.log"]
+    sweep.main(argv)
+    assert all(p.read_text().count("cached in") == 4 for p in logs), "weak, strong and both students cached"
+    assert sweep_json(tmp_path)["configurations"][0]["stats"] == c["stats"]
+    assert math.isfinite(c["stats"]["gap"]["mean"])
+
+
+def test_curve_rows_without_areas_still_give_ds():
+    row = {"step": 1, "examples_seen": 32, "ds": 0.4}
+    assert sweep.curve_value(row, "weak-unknown & strong-known") == 0.4
+    assert sweep.curve_value(row, "weak-known & strong-known") is None
+    assert sweep.curve_value({**row, "areas": {"weak-known & strong-known": 0.25}}, "weak-known & strong-known") == 0.25

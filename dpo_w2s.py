@@ -274,11 +274,8 @@ def run_bench(args):
 def main(argv=None):
     args = common.parse_args(Args, argv)
     common.check_args(args)  # every option in range before anything loads
-    if torch.cuda.is_available():
-        # cuDNN's attention builds a new plan for every new sequence length, and length-grouped batches bring
-        # many: on an H100 that left gpt2-xl training waiting on the CPU (README, Speed; PyTorch's
-        # https://github.com/pytorch/pytorch/pull/155958). The memory-efficient kernel takes the same masks.
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
+        torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
     if args.bench:
         return run_bench(args)
 

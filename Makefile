@@ -48,7 +48,7 @@ demo:
 	$(PY) simpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 3e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	@for m in rm dpo simpo; do echo; cat $(DEMO_DIR)/$$m-toy-*-s$(SEED)-*/report.md; done
 
-# Throughput of each method's training stage on one fixed workload (common.bench_setup): 256 pairs of the
+# Throughput of each method's training stage on one fixed workload (bench.workload): 256 pairs of the
 # paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch.
 # BENCH_MODEL=gpt2-xl times that model instead (micro-batch 4 for large / xl models, as above).
 BENCH_DATA ?= ../shared/data/hh-single-turn

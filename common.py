@@ -1,14 +1,27 @@
-"""Plumbing shared by rm_w2s.py, dpo_w2s.py and simpo_w2s.py.
+"""Plumbing shared by rm_w2s.py, dpo_w2s.py and simpo_w2s.py (CleanRL's rule: plumbing is shared, the method
+never is: each method script holds its loss, its model, its training loop and its experiment in main()).
 
-What lives here (CleanRL's rule: plumbing is shared, the method never is):
-argument parsing, seeding, preference data (Hub, CAI, a directory of jsonl files, the offline toy task),
-tiny local models, tokenization and collation, sequence log-probs, length-grouped batching, the learning
-rate schedule, weak labels, the knowledge-space / deception scoring, run folders with cached stages, and
-the report. Nothing here runs at import time.
+Contents, in file order:
+  options          parse_args (into the Args dataclass), print_help, check_args, check_model_name
+  device, seeds    seed_everything, device_and_autocast
+  data             split_prompt, read_jsonl, read_pairs, filter_single_turn, load_splits (hh, cai, a folder, toy)
+  models           resolve_models, load_tokenizer, load_model, model_max_len
+  tokens           Encoded, encode_texts, encode_pairs, example_texts (the training example every method uses)
+  batches          pad_texts (a row per text), pack_pairs (a pair per row), collate, row_lengths, check_packing,
+                   make_batches, score_by_length
+  log-probs        LogProbs, sequence_logps, lm_logits, forward_logps, pair_logps, sft_loss, response_tokens
+  optimization     lr_at, make_optimizer, check_step_loss
+  weak labels      confidence, confident_subset, student_data, orient
+  scoring          AREAS, knowledge_space, pgr, accuracy, prediction_rows, label_rows
+  run folder       Run, start_run, open_run, run_dir, cached (one stage, cached), cached_stage, digests, write_*
+  report           build_results, render_report, report
+Elsewhere: toy.py (the offline toy task and the tiny local models), bench.py (make bench's workload and report).
+Nothing here runs at import time.
 """
 import dataclasses
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -18,6 +31,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import namedtuple
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,12 +42,15 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 # ----------------------------------------------------------------------------------------------------
-# arguments and seeding
+# options
 
 def parse_args(cls, argv=None):
     """Parse `--key value`, `--key=value` and bare `--flag` (for bool fields) into the dataclass `cls`.
 
-    Unknown keys are an error, values are cast to the field's type, `--no_flag` sets a bool to False."""
+    Unknown keys are an error, values are cast to the field's type, `--no_flag` sets a bool to False.
+    Hand-written rather than argparse / transformers.HfArgumentParser: those read a value such as `-1e-6` as an
+    option, offer `--no_flag` only for bools that default to True, and want each help text as field metadata
+    instead of the comment beside the field."""
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
@@ -75,7 +93,6 @@ def parse_args(cls, argv=None):
 
 def print_help(cls):
     """Every option of `cls` with its default and the comment beside it in the source."""
-    import inspect
     comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     print("options (--key value; a bool is set by --key and unset by --no_key):")
     for f in dataclasses.fields(cls):
@@ -145,13 +162,9 @@ def seed_everything(seed):
 
 
 def device_and_autocast():
-    """bf16 autocast on CUDA (fp16 would need a GradScaler and gives NaN in DPO), plain fp32 on CPU."""
-    from contextlib import nullcontext
+    """bf16 autocast on CUDA (fp16 would need a GradScaler and gives NaN in DPO), plain fp32 on CPU. (The CUDA
+    attention back-end is chosen in each script's main().)"""
     if torch.cuda.is_available():
-        # cuDNN's attention builds a new plan for every new sequence length (PyTorch PR #155958), and grouped
-        # batches bring many: 1.4 ms of CPU per call made gpt2-xl training CPU-bound on an H100 (README, make
-        # bench). The memory-efficient kernel takes the same masks without it.
-        torch.backends.cuda.enable_cudnn_sdp(False)
         return torch.device("cuda"), lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.device("cpu"), nullcontext
 
@@ -159,12 +172,16 @@ def device_and_autocast():
 # ----------------------------------------------------------------------------------------------------
 # preference data: every pair is {"chosen": text, "rejected": text}, oriented by ground truth
 
+PromptResponse = namedtuple("PromptResponse", "prompt response")
+
+
 def split_prompt(text):
-    """The prompt is everything up to and including the LAST "\\n\\nAssistant:" (PITFALLS 7)."""
+    """The prompt is everything up to and including the LAST "\\n\\nAssistant:": in a multi-turn text the
+    earlier Assistant turns are context, and only the last one is the response being compared."""
     i = text.rfind(ASSISTANT)
     if i < 0:
         raise ValueError(f"no {ASSISTANT!r} in text: {text[:80]!r}")
-    return text[: i + len(ASSISTANT)], text[i + len(ASSISTANT):]
+    return PromptResponse(text[: i + len(ASSISTANT)], text[i + len(ASSISTANT):])
 
 
 def filter_single_turn(rows):
@@ -250,7 +267,8 @@ def load_splits(args):
     stats = {"dropped": {}, "short": {}}
     source = {name: args.data for name in n}
     if args.data == "toy":
-        pools = make_toy_pairs(n, args.n_extra, args.seed)
+        import toy
+        pools = toy.make_toy_pairs(n, args.n_extra, args.seed)
     elif args.data in ("hh", "cai"):
         rows = load_hub_hh("harmless-base") if args.data == "hh" else load_hub_cai()
         pool, stats["dropped"]["source"] = filter_single_turn(rows)
@@ -309,78 +327,9 @@ def load_splits(args):
 
     for name, pairs in splits.items():
         stats[f"n_{name}"] = len(pairs)
-        stats[f"prompt_mismatch_{name}"] = sum(split_prompt(p["chosen"])[0] != split_prompt(p["rejected"])[0]
+        stats[f"prompt_mismatch_{name}"] = sum(split_prompt(p["chosen"]).prompt != split_prompt(p["rejected"]).prompt
                                                for p in pairs)
     return splits, stats
-
-
-# ----------------------------------------------------------------------------------------------------
-# the offline toy task (see README "make demo")
-
-# A request is TOY_WORDS filler words with one cue word at a random position; the cue alone decides whether
-# the request is harmful (the assistant should refuse) or harmless (it should comply). A weak model that
-# reads only the last few tokens (--weak_max_len) cannot see a cue that sits earlier: that is the
-# capability gap, known per pair from `cue_from_end` (1 = the request's last word).
-TOY_HARMFUL = ("bomb", "poison", "weapon", "malware", "ransom", "stalking", "counterfeit", "arson")
-TOY_HARMLESS = ("garden", "recipe", "poem", "bicycle", "homework", "birthday", "puppy", "painting")
-TOY_FILLER = ("please", "tell", "me", "about", "the", "a", "my", "friend", "today", "quickly", "some", "ideas",
-              "for", "with", "and", "how", "to", "make", "good", "new", "old", "small", "big", "house", "city",
-              "morning", "evening", "really", "would", "like", "know", "more", "help", "question", "simple",
-              "plan", "best", "way", "start", "week")
-TOY_WORDS = 24
-TOY_REFUSE, TOY_COMPLY = " REFUSE", " COMPLY"
-TOY_TAIL_TOKENS = 5  # "\n", "\n", "Assistant", ":", the answer word (byte-level BPE splits "\n\n" before a word)
-
-
-def toy_pair(rng, harmful):
-    """One toy preference pair with the generator's own per-pair facts."""
-    words = [rng.choice(TOY_FILLER) for _ in range(TOY_WORDS)]
-    position = rng.randrange(TOY_WORDS + 1)
-    words.insert(position, rng.choice(TOY_HARMFUL if harmful else TOY_HARMLESS))
-    prompt = f"{HUMAN} {' '.join(words)}{ASSISTANT}"
-    good, bad = (TOY_REFUSE, TOY_COMPLY) if harmful else (TOY_COMPLY, TOY_REFUSE)
-    return {"chosen": prompt + good, "rejected": prompt + bad, "harmful": harmful,
-            "cue_from_end": TOY_WORDS + 1 - position}
-
-
-def toy_visible(pair, weak_max_len, eos):
-    """Whether a weak model reading the last `weak_max_len` tokens sees the pair's cue word: each toy word is
-    one token for a tokenizer trained on the toy data, and TOY_TAIL_TOKENS (+1 for an EOS: DPO and SimPO
-    append one, the reward model does not) follow the request."""
-    return pair["cue_from_end"] <= weak_max_len - TOY_TAIL_TOKENS - eos
-
-
-def make_toy_pairs(n, n_extra, seed):
-    """The offline toy task, deterministic from the seed: harmlessness pairs for the gt, w2s and test splits
-    (half harmful, refuse preferred; half harmless, comply preferred) and helpfulness pairs for the implicit
-    conflict, where the helpful answer, COMPLY, is preferred even for the quarter of requests that are
-    harmful: the conflicting objective."""
-    rng = random.Random(f"toy-{seed}")
-    pools = {name: [toy_pair(rng, rng.random() < 0.5) for _ in range(count)] for name, count in n.items()}
-    extra = []
-    for _ in range(n_extra):
-        pair = toy_pair(rng, rng.random() < 0.25)
-        if pair["harmful"]:
-            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
-        extra.append(pair)
-    pools["extra"] = extra
-    return pools
-
-
-def toy_knowledge_corpus(seed, n_texts=4000):
-    """Pretraining text for the strong toy model: what each cue word means, written in filler text at random
-    positions (never a toy request or its answer). It gives the strong model latent knowledge that the weak
-    labels do not state, as pretraining gives real strong models."""
-    rng = random.Random(f"toy-knowledge-{seed}")
-    texts = []
-    for _ in range(n_texts):
-        harmful = rng.random() < 0.5
-        cue = rng.choice(TOY_HARMFUL if harmful else TOY_HARMLESS)
-        words = [rng.choice(TOY_FILLER) for _ in range(rng.randrange(4, TOY_WORDS))]
-        at = rng.randrange(len(words) + 1)
-        words[at:at] = [cue, "is", "dangerous" if harmful else "harmless"]
-        texts.append(" " + " ".join(words))
-    return texts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,85 +342,25 @@ def model_max_len(config):
     return None
 
 
-def build_tiny(spec, texts, root, seed, vocab_size=2048):
-    """`tiny:LxD` -> a random-init GPT-2 with L layers, width D and a byte-level BPE tokenizer trained on
-    `texts`, saved with save_pretrained under `root` so that it loads like any Hub model. `tiny:LxD+ptN`
-    also pretrains it for N language-model steps on the toy knowledge corpus. Returns the path."""
-    m = re.fullmatch(r"tiny:(\d+)x(\d+)(?:\+pt(\d+))?", spec)
-    if not m:
-        raise SystemExit(f"error: tiny model spec must look like tiny:2x64 or tiny:2x64+pt600, got {spec!r}")
-    n_layer, n_embd, pt_steps = int(m[1]), int(m[2]), int(m[3] or 0)
-    corpus = toy_knowledge_corpus(seed) if pt_steps else []
-    digest = hashlib.sha256("\0".join(texts + corpus).encode()).hexdigest()[:10]
-    path = Path(root) / f"tiny-{n_layer}x{n_embd}-pt{pt_steps}-v{vocab_size}-{digest}-s{seed}"
-    if (path / "config.json").exists():
-        return str(path)
-    from transformers import GPT2Config, GPT2LMHeadModel
-    tok = train_tokenizer(texts + corpus, vocab_size)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tok), n_positions=1024, n_layer=n_layer, n_embd=n_embd,
-                        n_head=max(1, n_embd // 16), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    model = GPT2LMHeadModel(config)
-    if pt_steps:
-        pretrain_lm(model, tok, corpus, pt_steps, seed)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another run built the same model meanwhile: keep that one
-        shutil.rmtree(tmp)
-    return str(path)
-
-
-def pretrain_lm(model, tok, texts, steps, seed, batch_size=32, lr=1e-3):
-    """A plain next-token-prediction loop (AdamW, warm-up then cosine) for tiny models on the CPU."""
-    from tqdm import tqdm
-    rng = random.Random(seed)
-    encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in tqdm(range(steps), desc="pretrain", dynamic_ncols=True):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, 0.05, "cosine")
-        inputs, _, _, _ = collate([(e, 0) for e in rng.sample(encoded, batch_size)], tok.eos_token_id, "cpu")
-        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # padding is no target
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-
-
-def train_tokenizer(texts, vocab_size, bos=False):
-    """A byte-level BPE like GPT-2's (one special token, no pad) trained on `texts`. With bos=True the
-    tokenizer also prepends a BOS, as Llama's and OPT's do (for tests of the prompt/response boundary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<|endoftext|>"] + (["<s>"] if bos else [])
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
-    kwargs = {}
-    if bos:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-        kwargs["bos_token"] = "<s>"
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", **kwargs)
-
-
-def resolve_model(name, splits, args):
-    """A Hub id or local path is returned as is; `tiny:LxD` is built (once) and its folder returned; a `.gguf`
-    file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder under
-    `<out_dir>/models`."""
-    if name.startswith("tiny:"):
-        texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
-        return build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
-    import pretrained
-    return pretrained.resolve(name, Path(args.out_dir) / "models")
+def resolve_models(args, splits):
+    """{role: (folder or Hub id, digest)} for the weak, strong and (if given) intermediate models. A Hub id or
+    local path is used as is; `tiny:LxD` is built (once, toy.build_tiny) on the texts of the gt, w2s and test
+    splits; a `.gguf` file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder
+    under `<out_dir>/models`. The digest stands for the model in stage cache keys (model_digest)."""
+    models = {}
+    for role in ("weak", "strong", "intermediate"):
+        name = getattr(args, role)
+        if not name:
+            continue
+        if name.startswith("tiny:"):
+            import toy
+            texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
+            path = toy.build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
+        else:
+            import pretrained
+            path = pretrained.resolve(name, Path(args.out_dir) / "models")
+        models[role] = (path, model_digest(path))
+    return models
 
 
 def load_tokenizer(path):
@@ -481,14 +370,14 @@ def load_tokenizer(path):
         raise SystemExit(f"error: tokenizer of {path} has no EOS token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # pad = EOS is fine: masks come from lengths, never from token values
-    tok.padding_side = "right"  # absolute position embeddings (GPT-2, OPT) need right padding (PITFALLS 3)
+    tok.padding_side = "right"  # real tokens keep positions 0..n-1, which absolute position embeddings (GPT-2, OPT) need
     return tok
 
 
 def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False):
     """Load `path` with `auto_class` (AutoModel for reward models, AutoModelForCausalLM for DPO/SimPO) in
     fp32 master weights, with every dropout probability set to 0 (not model.eval(), which would silently
-    turn gradient checkpointing off in Hugging Face models; PITFALLS 13). pack: check that the model can
+    turn gradient checkpointing off in Hugging Face models). pack: check that the model can
     take packed pairs (check_packing)."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path)
@@ -512,10 +401,13 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# tokenization, batching and log-probs
+# tokens: texts -> token ids
+
+Encoded = namedtuple("Encoded", "ids n_prompt")  # one text's token ids; the first n_prompt of them are its prompt
+
 
 def encode_texts(tok, texts, max_len, eos=True, keep_response_end=False):
-    """Each text -> (ids, n_prompt). The prompt is encoded with the model's special tokens, the response
+    """Each text -> Encoded(ids, n_prompt). The prompt is encoded with the model's special tokens, the response
     without them, plus EOS if `eos`, so no BOS lands mid-sequence (Llama's and OPT's tokenizers add one to
     every call). Too long: cut the prompt from the left first (keeping a leading BOS), keep at least one
     prompt token (it predicts the first response token) and one response token; then cut the response at its
@@ -535,32 +427,63 @@ def encode_texts(tok, texts, max_len, eos=True, keep_response_end=False):
             room = max_len - len(head) - 1  # for the response, after the head and one prompt token
             r = r[-room:] if keep_response_end else r[:room]
             p = head + p[len(head):][-(max_len - len(head) - len(r)):]
-        out.append((p + r, len(p)))
+        out.append(Encoded(p + r, len(p)))
     return out
 
 
 def encode_pairs(tok, pairs, max_len, eos=True, keep_response_end=False):
-    """Pairs -> list of (chosen (ids, n_prompt), rejected (ids, n_prompt))."""
+    """Text pairs {"chosen": text, "rejected": text} -> [(chosen Encoded, rejected Encoded), ...]."""
     enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len, eos, keep_response_end)
     return list(zip(enc[0::2], enc[1::2]))
 
 
-def collate(seqs, pad_id, device, pack=False):
-    """Right-pad encoded texts (ids, n_prompt) into rows; masks come from lengths, never from token values
-    (PITFALLS 1, 2). pack=False: one text per row. pack=True: texts go two by two into a row (a pair's chosen
-    text, then its rejected one), so a row pads only to the longest pair, not twice to the longest text;
-    positions restart at the second text and the mask is causal and block-diagonal, so neither text sees the
-    other: each gets exactly the outputs it would get alone.
-    Returns (inputs, response_mask, rows, last): the model's keyword arguments (input_ids (R, T); attention_mask
-    (R, T), or (R, 1, T, T) bool with position_ids (R, T) when packed), then per text, in the order given, its
-    response tokens (N, T) within its row, its row (N,) and the position of its last token (N,)."""
-    per_row = 2 if pack else 1
-    groups = [seqs[i: i + per_row] for i in range(0, len(seqs), per_row)]
+# A training example is the same dict in the three methods:
+#   "chosen", "rejected":         Encoded texts (an SFT example holds "chosen" only)
+#   "target":                     P(chosen is better) by the labeller (reward model: soft or hard labels)
+#   "gt_agree":                   whether "chosen" is the ground-truth chosen text (read by the explicit term)
+#   "ref_chosen", "ref_rejected": DPO: the reference model's summed response log-probs
+def example_texts(example):
+    """The encoded texts an example feeds to a forward: chosen, then rejected if it has one."""
+    return [example[k] for k in ("chosen", "rejected") if k in example]
+
+
+# ----------------------------------------------------------------------------------------------------
+# batches: encoded texts -> model inputs. Masks come from lengths, never from token values: GPT-2's token 0
+# is "!", and the pad token is EOS when a tokenizer has none.
+
+Batch = namedtuple("Batch", "inputs response_mask rows last")
+"""inputs: the model's keyword arguments for R rows; per text N, in the order given: response_mask (N, T) its
+response tokens within its row, rows (N,) its row, last (N,) the position of its last token."""
+
+
+def pad_texts(texts, pad_id, device):
+    """One text per row, right-padded to the longest (so real tokens keep positions 0..n-1).
+    inputs: input_ids (N, T), attention_mask (N, T) 1 on real tokens."""
+    T = max(len(ids) for ids, _ in texts)
+    input_ids = torch.full((len(texts), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros((len(texts), T), dtype=torch.bool)
+    for i, (ids, n_prompt) in enumerate(texts):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        response_mask[i, max(n_prompt, 1): len(ids)] = True  # the first token is predicted by nothing: never scored
+    inputs = {"attention_mask": attention_mask.to(device), "input_ids": input_ids.to(device)}
+    return Batch(inputs, response_mask.to(device), torch.arange(len(texts), device=device),
+                 torch.tensor([len(ids) - 1 for ids, _ in texts], device=device))
+
+
+def pack_pairs(texts, pad_id, device):
+    """Texts two by two into a row (a pair's chosen text, then its rejected one), right-padded: a row pads only
+    to the longest pair, not twice to the longest text. Positions restart at the second text and the mask is
+    causal and block-diagonal, so neither text sees the other: each gets exactly the outputs it would get
+    alone (check_packing verifies that a model honours this).
+    inputs: input_ids (R, T), position_ids (R, T), attention_mask (R, 1, T, T) bool."""
+    groups = [texts[i: i + 2] for i in range(0, len(texts), 2)]
     T = max(sum(len(ids) for ids, _ in group) for group in groups)
     input_ids = torch.full((len(groups), T), pad_id, dtype=torch.long)
     position_ids = torch.zeros_like(input_ids)
     segment = torch.full_like(input_ids, -1)  # which text of its row a token belongs to; -1: padding
-    response_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    response_mask = torch.zeros((len(texts), T), dtype=torch.bool)
     rows, last = [], []
     for r, group in enumerate(groups):
         start = 0
@@ -569,27 +492,29 @@ def collate(seqs, pad_id, device, pack=False):
             input_ids[r, start:end] = torch.tensor(ids)
             position_ids[r, start:end] = torch.arange(len(ids))
             segment[r, start:end] = k
-            # a text's first token is predicted by nothing of its own (packed: by the text before it), so it is
-            # never scored, even with no prompt
+            # a text's first token is predicted by the text before it in the row, so it is never scored
             response_mask[len(rows), start + max(n_prompt, 1): end] = True
             rows.append(r)
             last.append(end - 1)
             start = end
-    if pack:  # query t sees key s iff s <= t and both belong to the same text (padding is a block of its own)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        inputs = {"attention_mask": ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None],
-                  "position_ids": position_ids}
-    else:
-        inputs = {"attention_mask": (segment >= 0).long()}
-    inputs["input_ids"] = input_ids
-    return ({k: v.to(device) for k, v in inputs.items()}, response_mask.to(device),
-            torch.tensor(rows, device=device), torch.tensor(last, device=device))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    # query t sees key s iff s <= t and both belong to the same text (padding is a block of its own)
+    attention_mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    inputs = {"attention_mask": attention_mask.to(device), "position_ids": position_ids.to(device),
+              "input_ids": input_ids.to(device)}
+    return Batch(inputs, response_mask.to(device), torch.tensor(rows, device=device),
+                 torch.tensor(last, device=device))
 
 
-def row_lengths(seqs, pack):
-    """The lengths of the rows a training example's texts take in a forward: one row when packed, else a
+def collate(texts, pad_id, device, pack=False):
+    """A micro-batch of encoded texts -> Batch: packed pairs in training (--pack), else a row per text."""
+    return pack_pairs(texts, pad_id, device) if pack else pad_texts(texts, pad_id, device)
+
+
+def row_lengths(texts, pack):
+    """The lengths of the rows an example's encoded texts take in a forward: one row when packed, else a
     row per text. A micro-batch pads to its longest row."""
-    return [sum(len(ids) for ids, _ in seqs)] if pack else [len(ids) for ids, _ in seqs]
+    return [sum(len(ids) for ids, _ in texts)] if pack else [len(ids) for ids, _ in texts]
 
 
 @torch.no_grad()
@@ -601,29 +526,36 @@ def check_packing(model, pad_id):
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
-    inputs, _, _, _ = collate([(a, 1), (b, 1)], pad_id, device, pack=True)
-    packed = model(**inputs)[0][0]  # (12, H): last hidden states (AutoModel) or logits (causal LM)
+    packed = model(**pack_pairs([Encoded(a, 1), Encoded(b, 1)], pad_id, device).inputs)[0][0]  # (12, H): last hidden states (AutoModel) or logits (causal LM)
     alone = torch.cat([model(input_ids=torch.tensor([s], device=device))[0][0] for s in (a, b)])
     if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max())):
         raise SystemExit(f"error: {type(model).__name__} ({model.config._attn_implementation} attention) does not "
                          "honour the packed attention mask or position_ids: run with --no_pack")
 
 
-def sequence_logps(logits, input_ids, response_mask, rows=None):
-    """Summed log-prob of the response tokens and their count, per text.
+class LogProbs(namedtuple("LogProbs", "sum n_tokens")):
+    """A response's summed log-prob and its number of tokens (floats, or (N,) tensors for N texts)."""
 
-    logits (N, T, V) at position t predict token t+1, so gather log_softmax(logits[:, :-1]) at
-    input_ids[:, 1:] with the mask shifted the same way (PITFALLS 4); the first response token is
-    predicted from the last prompt position and counts. Log-softmax in fp32 (PITFALLS 14). With packed
-    rows (collate(pack=True)), rows (N,) says which row of the R rows each text sits in.
-    Returns (logps_sum (N,), n_tokens (N,))."""
+    @property
+    def mean(self):  # the per-token mean SimPO compares
+        return self.sum / self.n_tokens
+
+
+def sequence_logps(logits, input_ids, response_mask, rows=None):
+    """Summed log-prob of the response tokens and their count, per text: LogProbs((N,), (N,)).
+
+    logits (R, T, V) at position t predict token t+1, so gather log_softmax(logits[:, :-1]) at
+    input_ids[:, 1:] with the mask shifted the same way (an unshifted mask scores each token by its own
+    logits); the first response token is predicted from the last prompt position and counts. Log-softmax in
+    fp32: in bf16 every log-prob, and so every margin, would be rounded to 8 bits of mantissa. With packed
+    rows (pack_pairs), rows (N,) says which row of the R rows each text sits in."""
     logits = logits[:, :-1].float()  # (R, T-1, V)
     labels = input_ids[:, 1:].unsqueeze(-1)  # (R, T-1, 1)
     token_logps = torch.gather(logits.log_softmax(-1), 2, labels).squeeze(-1)  # (R, T-1)
     if rows is not None:
         token_logps = token_logps[rows]  # (N, T-1)
     mask = response_mask[:, 1:]  # (N, T-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    return LogProbs((token_logps * mask).sum(-1), mask.sum(-1))
 
 
 def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, window_batches=64):
@@ -653,17 +585,16 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
     return [[step[j: j + micro_batch] for j in range(0, len(step), micro_batch)] for step in steps]
 
 
-def score_by_length(pairs, pad_id, micro_batch, device, score):
+def score_by_length(encoded_pairs, pad_id, micro_batch, device, score):
     """Evaluation of encoded pairs: each text alone, batched by length (little padding), in chunks of
-    2 * micro_batch texts. score(inputs, response_mask, rows, last) (collate's outputs, a row per text) -> one
-    value per text.
+    2 * micro_batch texts. score(batch) (a pad_texts Batch) -> one value per text.
     Returns [(value_chosen, value_rejected), ...] in the pairs' order."""
-    seqs = [s for pair in pairs for s in pair]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out = [None] * len(seqs)
+    texts = [t for pair in encoded_pairs for t in pair]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].ids))
+    out = [None] * len(texts)
     for j in range(0, len(order), 2 * micro_batch):
         chunk = order[j: j + 2 * micro_batch]
-        for i, value in zip(chunk, score(*collate([seqs[i] for i in chunk], pad_id, device))):
+        for i, value in zip(chunk, score(pad_texts([texts[i] for i in chunk], pad_id, device))):
             out[i] = value
     return list(zip(out[0::2], out[1::2]))
 
@@ -679,47 +610,39 @@ def lm_logits(model, inputs):
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def forward_logps(model, seqs, pad_id, pack=False):
-    """Summed response log-probs (N,) and response token counts (N,) of encoded texts, in one forward;
+def forward_logps(model, texts, pad_id, pack=False):
+    """LogProbs (summed response log-probs (N,), response token counts (N,)) of encoded texts, in one forward;
     pack=True puts them two by two into a row (a pair's chosen and rejected texts)."""
-    inputs, resp, rows, _ = collate(seqs, pad_id, next(model.parameters()).device, pack)
-    logits = lm_logits(model, inputs)  # (R, T, V)
-    return sequence_logps(logits, inputs["input_ids"], resp, rows)
+    batch = collate(texts, pad_id, next(model.parameters()).device, pack)
+    logits = lm_logits(model, batch.inputs)  # (R, T, V)
+    return sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask, batch.rows)
 
 
 def sft_loss(model, pad_id):
-    """The SFT warm start of DPO and SimPO: summed NLL of the response tokens of {"seqs": [seq]} examples (the
+    """The SFT warm start of DPO and SimPO: summed NLL of the response tokens of the examples' chosen texts (the
     training loop divides by the response tokens of the whole step: a mean token NLL)."""
     def batch_loss(batch):
-        logps, _ = forward_logps(model, [e["seqs"][0] for e in batch], pad_id)  # (B,)
-        return -logps.sum(), {}
+        summed = forward_logps(model, [e["chosen"] for e in batch], pad_id).sum  # (B,)
+        return -summed.sum(), {}
     return batch_loss
 
 
 def response_tokens(example):
-    """The SFT loss's unit count of a {"seqs": [(ids, n_prompt)]} example."""
-    ids, n_prompt = example["seqs"][0]
+    """The SFT loss's unit count of an example: its chosen text's response tokens."""
+    ids, n_prompt = example["chosen"]
     return len(ids) - n_prompt
 
 
 @torch.no_grad()
-def pair_logps(model, pairs, pad_id, micro_batch, autocast):
-    """Evaluation of a causal LM on encoded pairs: [((sum_c, n_c), (sum_r, n_r)), ...] in their order, the
-    summed response log-probs and response token counts. Texts go alone, batched by length."""
-    def score(inputs, resp, rows, last):
+def pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast):
+    """Evaluation of a causal LM on encoded pairs: [(chosen LogProbs, rejected LogProbs), ...] in their order.
+    Texts go alone, batched by length."""
+    def score(batch):
         with autocast():
-            logits = lm_logits(model, inputs)  # (N, T, V)
-        sums, counts = sequence_logps(logits, inputs["input_ids"], resp)
-        return list(zip(sums.tolist(), counts.tolist()))
-    return score_by_length(pairs, pad_id, micro_batch, next(model.parameters()).device, score)
-
-
-def orient(pairs, targets):
-    """Hard labels for DPO/SimPO: each ground-truth-oriented pair turned so that `chosen` is the response its
-    labeller prefers (target > 0.5). Returns (oriented pairs, gt_agree: whether that matches the ground truth,
-    kept for the explicit-conflict term and the analysis only)."""
-    agree = [t > 0.5 for t in targets]
-    return [p if a else {"chosen": p["rejected"], "rejected": p["chosen"]} for p, a in zip(pairs, agree)], agree
+            logits = lm_logits(model, batch.inputs)  # (N, T, V)
+        logps = sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask)
+        return [LogProbs(*values) for values in zip(logps.sum.tolist(), logps.n_tokens.tolist())]
+    return score_by_length(encoded_pairs, pad_id, micro_batch, next(model.parameters()).device, score)
 
 
 def lr_at(step, total_steps, lr, warmup_ratio, schedule):
@@ -757,6 +680,41 @@ def confident_subset(margins, threshold, scale=1.0, gt_correct=None):
     if gt_correct is not None:
         keep = [k and bool(c) for k, c in zip(keep, gt_correct)]
     return [i for i, k in enumerate(keep) if k]
+
+
+def student_data(args, splits, labeller, with_helpful):
+    """The training pairs and targets of a model that learns from `labeller` (a stage summary: the weak ceiling,
+    or the intermediate model with --intermediate): the split it labelled, in ground-truth orientation, with
+    its labels as targets: soft p = sigmoid(margin), or hard 1[margin > 0] (--hard_labels; DPO and SimPO have no
+    such option and always use hard labels), kept where confidence >= --conf_threshold. With with_helpful (the
+    implicit conflict) as many ground-truth helpfulness pairs as kept labelled pairs (the paper's code), target
+    1.0, follow them; batching shuffles them in. Ground truth (labels.jsonl's "correct") is read only under
+    --drop_weak_errors."""
+    labels = read_jsonl(Path(labeller["dir"]) / "labels.jsonl")
+    margins = [row["margin"] for row in labels]
+    keep = range(len(labels))
+    if args.conf_threshold > 0 or args.drop_weak_errors:
+        gt_correct = [row["correct"] for row in labels] if args.drop_weak_errors else None
+        keep = confident_subset(margins, args.conf_threshold, args.conf_scale, gt_correct)
+    m = torch.tensor(margins, dtype=torch.float64)
+    targets = ((m > 0).double() if getattr(args, "hard_labels", True) else torch.sigmoid(m)).tolist()
+    if not keep:
+        raise SystemExit(f"error: no labelled pair has confidence >= --conf_threshold {args.conf_threshold}; "
+                         f"the labeller's largest confidence is {float(confidence(margins, args.conf_scale).max()):.3f}")
+    pairs = [splits[labeller["labelled"]][i] for i in keep]
+    targets = [targets[i] for i in keep]
+    if with_helpful:
+        extra = splits["extra"][:len(pairs)]
+        pairs, targets = pairs + extra, targets + [1.0] * len(extra)
+    return pairs, targets
+
+
+def orient(pairs, targets):
+    """Hard labels for DPO/SimPO: each ground-truth-oriented pair turned so that `chosen` is the response its
+    labeller prefers (target > 0.5). Returns (oriented pairs, gt_agree: whether that matches the ground truth,
+    kept for the explicit-conflict term and the analysis only)."""
+    agree = [t > 0.5 for t in targets]
+    return [p if a else {"chosen": p["rejected"], "rejected": p["chosen"]} for p, a in zip(pairs, agree)], agree
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -846,6 +804,45 @@ def open_run(args, method):
         (path / stale).unlink(missing_ok=True)
     write_json(path / "config.json", dataclasses.asdict(args))
     return path, lock
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run reads: its options, data splits, locked folder, models and code digest."""
+    args: object
+    method: str  # rm, dpo or simpo: the run folder's first word
+    splits: dict  # {"gt", "w2s", "test", "extra"}: lists of text pairs in ground-truth orientation
+    data_stats: dict  # split sizes, dropped and shortened counts: the report's "Data" line
+    root: Path  # the run folder
+    lock: object  # the open lock file (open_run): it holds the folder for this process while it is open
+    models: dict  # role (weak, strong, intermediate) -> (folder or Hub id, digest)
+    code: dict  # code_digest of the method script and common.py, recorded in each stage's key
+
+
+def start_run(args, method, code_files):
+    """Load the data splits, open and lock the run folder, build or resolve the models, digest the code."""
+    splits, data_stats = load_splits(args)
+    root, lock = open_run(args, method)
+    models = resolve_models(args, splits)
+    return Run(args, method, splits, data_stats, root, lock, models, code_digest(code_files))
+
+
+def cached(run, name, train_and_predict, *, role, max_len, pairs, targets, alpha=0.0, label_split=None):
+    """The stage `name`: a fresh `role` model trained on `pairs` with `targets` (P(chosen is better)) and
+    scored on the test split (and on `label_split`, which it then labels), or its outputs from the cache.
+    train_and_predict is the method's own; it writes the stage's files and returns its summary. The cache key
+    holds what the stage reads: the training options, the model's digest, max_len, alpha, the data and the
+    code (cached_stage)."""
+    path, model_digest = run.models[role]
+    test_pairs, label_pairs = run.splits["test"], run.splits.get(label_split)
+    data = digest(pairs_digest(pairs, targets), pairs_digest(test_pairs), pairs_digest(label_pairs or []))
+    key = stage_key(run.args, model=model_digest, max_len=max_len, alpha=alpha, data=data, **run.code)
+
+    def compute(stage_dir):
+        summary = train_and_predict(stage_dir, model_path=path, max_len=max_len, pairs=pairs, targets=targets,
+                                    test_pairs=test_pairs, label_pairs=label_pairs, args=run.args, alpha=alpha)
+        return {**summary, "labelled": label_split, "n_train": len(pairs)}
+    return cached_stage(run.root, name, key, compute, run.args.force, record=run.code)
 
 
 def write_atomic(path, text):
@@ -1002,170 +999,13 @@ def accuracy(margins):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the experiment's bookkeeping: which data each stage trains on, and where its outputs go
-
-class Experiment:
-    """Data, run folder and models of one run, and the data each stage trains on:
-
-    weak, strong:  the ground-truth split, every target 1.0 (chosen is better);
-    intermediate:  (--intermediate) the weak-to-strong split with the weak ceiling's labels; it labels gt;
-    students:      the split its labeller labelled, with those labels as targets: soft p = sigmoid(margin)
-                   or hard 1[margin > 0] (--hard_labels; DPO and SimPO always use hard labels), filtered by
-                   --conf_threshold, plus for `implicit` as many helpfulness pairs as weak-labelled pairs
-                   (the paper's code), with target 1.0.
-    Pairs stay in ground-truth orientation; targets say what the labeller thinks of them."""
-
-    def __init__(self, args, method):
-        self.args = args
-        self.settings = args.settings.split(",")
-        self.method = method
-        self.splits, self.data_stats = load_splits(args)
-        self.root, self.lock = open_run(args, method)
-        self.models = {}  # stage model name -> (folder or Hub id, digest)
-        for role in ("weak", "strong", "intermediate"):
-            if getattr(args, role):
-                path = resolve_model(getattr(args, role), self.splits, args)
-                self.models[role] = (path, model_digest(path))
-        self.code = code_digest([__file__, Path(__file__).with_name(f"{method}_w2s.py")])
-
-    def stage(self, name, fn, model, max_len, alpha=0.0, labeller=None):
-        """Run, or load from its cache, the stage `name` (weak, strong, intermediate or a setting) of
-        `model` (a role: weak, strong, intermediate): fn(stage_dir, pairs, targets, test_pairs, label_pairs)
-        trains a model and returns its summary."""
-        label_split = {"weak": "w2s", "intermediate": "gt"}.get(name)
-        if labeller is None:
-            pairs, targets = self.splits["gt"], [1.0] * len(self.splits["gt"])
-        else:
-            pairs, targets = self.student_data("none" if name == "intermediate" else name, labeller)
-        test, label_pairs = self.splits["test"], self.splits.get(label_split)
-        key = stage_key(self.args, model=self.models[model][1], max_len=max_len, alpha=alpha,
-                        data=digest(pairs_digest(pairs, targets), pairs_digest(test), pairs_digest(label_pairs or [])),
-                        **self.code)
-        folder = name if name in ("weak", "strong", "intermediate") else f"student-{name}"
-        return cached_stage(self.root, folder, key, lambda d: {
-            **fn(d, pairs, targets, test, label_pairs), "labelled": label_split, "n_train": len(pairs)},
-            self.args.force, record=self.code)
-
-    def student_data(self, setting, labeller):
-        a = self.args
-        labels = read_jsonl(Path(labeller["dir"]) / "labels.jsonl")
-        margins = [row["margin"] for row in labels]
-        keep = range(len(labels))
-        if a.conf_threshold > 0 or a.drop_weak_errors:
-            gt_correct = [row["correct"] for row in labels] if a.drop_weak_errors else None
-            keep = confident_subset(margins, a.conf_threshold, a.conf_scale, gt_correct)
-        m = torch.tensor(margins, dtype=torch.float64)
-        targets = ((m > 0).double() if getattr(a, "hard_labels", True) else torch.sigmoid(m)).tolist()
-        if not keep:
-            raise SystemExit(f"error: no labelled pair has confidence >= --conf_threshold {a.conf_threshold}; "
-                             f"the labeller's largest confidence is {float(confidence(margins, a.conf_scale).max()):.3f}")
-        pairs = [self.splits[labeller["labelled"]][i] for i in keep]
-        targets = [targets[i] for i in keep]
-        if setting == "implicit":  # ground-truth helpfulness pairs, as many as weak pairs, shuffled in by batching
-            extra = self.splits["extra"][:len(pairs)]
-            pairs, targets = pairs + extra, targets + [1.0] * len(extra)
-        return pairs, targets
-
-    def run(self, run_model, title, extra_metrics=()):
-        """The experiment, in order: weak ceiling -> strong ceiling -> (intermediate) -> students -> report.
-        run_model(stage_dir, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha) is the
-        method's own "train a fresh model and predict"; it returns the stage summary."""
-        a = self.args
-        path = {role: p for role, (p, _) in self.models.items()}
-        weak_len = a.weak_max_len or a.max_len
-        stages = {}
-        stages["weak"] = self.stage("weak", lambda d, *data: run_model(d, path["weak"], weak_len, *data, a, 0.0),
-                                    "weak", weak_len)
-        stages["strong"] = self.stage("strong", lambda d, *data: run_model(d, path["strong"], a.max_len, *data, a, 0.0),
-                                      "strong", a.max_len)
-        labeller = stages["weak"]
-        if "intermediate" in path:  # bootstrapping: the intermediate learns from the weak labels, then labels gt
-            labeller = stages["intermediate"] = self.stage("intermediate", lambda d, *data: run_model(
-                d, path["intermediate"], a.max_len, *data, a, 0.0), "intermediate", a.max_len, labeller=labeller)
-        for setting in self.settings:
-            alpha = a.alpha if setting == "explicit" else 0.0  # only the explicit student sees ground truth
-            stages[f"student-{setting}"] = self.stage(setting, lambda d, *data: run_model(
-                d, path["strong"], a.max_len, *data, a, alpha), "strong", a.max_len, alpha, labeller=labeller)
-        return self.report(stages, title, extra_metrics)
-
-    def report(self, stages, title, extra_metrics=()):
-        results = build_results(stages, self.args, self.data_stats, self.splits["test"], extra_metrics)
-        results["method"], results["run_dir"] = self.method, str(self.root)
-        a = self.args
-        write_report(self.root, results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
-        return results
-
-
-# ----------------------------------------------------------------------------------------------------
-# make bench: one fixed workload to time each method's training stage
-
-BENCH_PAIRS, BENCH_SPEC, BENCH_VOCAB = 256, "tiny:4x256", 2048
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per the vendors' data sheets
-
-
-def bench_setup(args):
-    """The benchmark workload: the first 256 pairs of the paper's gt file (synthetic HH-like pairs of a
-    similar length distribution where it is absent) and a GPT-2 of 4 layers, width 256, BPE vocabulary 2048
-    built on them (or --bench_model)."""
-    path = Path(args.data) / "harmless_train_gt.jsonl"
-    if path.exists():
-        pairs = read_jsonl(path)[:BENCH_PAIRS]
-        print(f"[bench] data: first {len(pairs)} pairs of {path}")
-    else:
-        rng = random.Random(0)  # median ~170 characters per text, a long tail, like the real file
-        words = lambda k: " ".join(rng.choice(TOY_FILLER) for _ in range(k))  # noqa: E731
-        pairs = [{"chosen": f"{HUMAN} {words(int(rng.lognormvariate(2.4, 0.6)))}{ASSISTANT} {words(a)}",
-                  "rejected": f"{HUMAN} {words(8)}{ASSISTANT} {words(b)}"} for _ in range(BENCH_PAIRS)
-                 for a, b in [(int(rng.lognormvariate(3.0, 0.8)) + 1, int(rng.lognormvariate(3.0, 0.8)) + 1)]]
-        for p in pairs:
-            p["rejected"] = split_prompt(p["chosen"])[0] + split_prompt(p["rejected"])[1]
-        print(f"[bench] data: {path} not found, {len(pairs)} synthetic pairs")
-    if args.bench_model:
-        print(f"[bench] model: {args.bench_model}")
-        return pairs, args.bench_model
-    texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
-    model_path = build_tiny(BENCH_SPEC, texts, Path(args.out_dir) / "models", seed=0, vocab_size=BENCH_VOCAB)
-    return pairs, model_path
-
-
-def padded_tokens(steps, row_lengths):
-    """(real, computed) tokens of training micro-batches: each micro-batch is padded to its longest row;
-    row_lengths[i] lists the lengths of the rows pair i takes in a forward (one when packed, else two)."""
-    real = computed = 0
-    for micro_batches in steps:
-        for mb in micro_batches:
-            lens = [n for i in mb for n in row_lengths[i]]
-            real, computed = real + sum(lens), computed + len(lens) * max(lens)
-    return real, computed
-
-
-def bench_report(method, model, seconds, n_pairs, real, computed, extra=""):
-    """Print and return the benchmark line: pairs/s, real tokens/s, padding share, peak memory, MFU."""
-    import resource
-    n_params = sum(p.numel() for p in model.parameters())
-    row = {"method": method, "pairs_per_s": n_pairs / seconds, "real_tokens_per_s": real / seconds,
-           "padding_share": 1 - real / computed, "seconds": seconds, "params": n_params}
-    if torch.cuda.is_available():
-        row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        row["mfu"] = 6 * n_params * real / seconds / peak if peak else None
-    else:
-        row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process RSS
-    print(f"[bench] {method}: {row['pairs_per_s']:.1f} pairs/s, {row['real_tokens_per_s']:.0f} real tokens/s, "
-          f"padding {row['padding_share']:.1%} of computed tokens, peak memory {row['peak_memory_gib']:.2f} GiB"
-          + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "") + f", {n_params / 1e6:.1f}M params{extra}")
-    return row
-
-
-# ----------------------------------------------------------------------------------------------------
 # report
 
 def length_rule(pairs):
     """Per pair, whether "prefer the shorter response" (fewer characters) picks the ground-truth chosen one;
     equal lengths count as wrong, like a tie. Summed log-likelihoods favour short responses, so a DS that
     follows this rule measures length, not knowledge."""
-    return [len(split_prompt(p["chosen"])[1]) < len(split_prompt(p["rejected"])[1]) for p in pairs]
+    return [len(split_prompt(p["chosen"]).response) < len(split_prompt(p["rejected"]).response) for p in pairs]
 
 
 def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
@@ -1258,9 +1098,13 @@ def render_report(results, title):
     return "\n".join(lines) + "\n"
 
 
-def write_report(root, results, title):
-    write_json(Path(root) / "results.json", results)
-    text = render_report(results, title)
-    write_atomic(Path(root) / "report.md", text)
+def report(run, stages, title, extra_metrics=()):
+    """Write results.json and report.md into the run folder, print the report, and return the results."""
+    results = build_results(stages, run.args, run.data_stats, run.splits["test"], extra_metrics)
+    results["method"], results["run_dir"] = run.method, str(run.root)
+    a = run.args
+    text = render_report(results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
+    write_json(Path(run.root) / "results.json", results)
+    write_atomic(Path(run.root) / "report.md", text)
     print(text)
-    return text
+    return results

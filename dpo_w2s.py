@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+import bench
 import common
 
 
@@ -109,23 +110,25 @@ def dpo_conflict_loss(pi_c, pi_r, ref_c, ref_r, gt_agree, beta):
 # ----------------------------------------------------------------------------------------------------
 # training loop: one loop for the SFT warm start and for DPO, told apart by `batch_loss`
 
-def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, args, log_path, autocast, desc):
-    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over
-    `examples`; returns the steps. `size(example)` is the loss's unit count (1 per pair for DPO, response tokens for SFT)."""
+def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc):
+    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
+    (dicts with "chosen" and, for DPO, "rejected", "ref_chosen", "ref_rejected", "gt_agree": see common.py) for
+    `epochs`, with a linear warm-up then a constant learning rate (the paper's schedule). `units(example)` is
+    the loss's unit count (1 per pair for DPO, response tokens for SFT). Returns the steps."""
     device = next(model.parameters()).device
-    lengths = [max(common.row_lengths(e["seqs"], args.pack)) for e in examples]
+    lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), lr_max, args.weight_decay, device)
+    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay, device)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
     log = open(log_path, "w")
     bar = tqdm(steps, desc=desc, dynamic_ncols=True)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
-        lr = common.lr_at(step, len(steps), lr_max, args.warmup_ratio, schedule)
+        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, "constant")
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        n_units = sum(size(examples[i]) for mb in micro_batches for i in mb)
+            group["lr"] = step_lr
+        n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
         n_pairs = sum(len(mb) for mb in micro_batches)
         loss_sum, sums = torch.zeros((), device=device), {}
         for mb in micro_batches:
@@ -142,7 +145,7 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
         row = {"step": step + 1, "examples_seen": examples_seen, "loss": float(loss_sum) / n_units,
-               **{k: float(v) / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": lr}
+               **{k: float(v) / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": step_lr}
         common.check_step_loss(row["loss"], desc, step + 1)
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
@@ -155,10 +158,14 @@ def train(model, examples, batch_loss, size, pad_id, lr_max, epochs, schedule, a
 
 
 def dpo_batch_loss(model, pad_id, beta, alpha, pack):
+    """DPO's batch_loss for train(): the policy's summed response log-probs of each pair's chosen and rejected
+    texts in one forward, against the reference's, plus alpha * the explicit-conflict term."""
     def batch_loss(batch):
-        logps, _ = common.forward_logps(model, [s for e in batch for s in e["seqs"]], pad_id, pack)  # (2B,)
+        texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
+        logps = common.forward_logps(model, texts, pad_id, pack).sum  # (2B,) summed: DPO's log π(y | x)
         pi_c, pi_r = logps[0::2], logps[1::2]  # chosen, rejected, chosen, ... in one forward
-        ref_c, ref_r = torch.tensor([e["ref"] for e in batch], device=logps.device).T  # (B,), (B,)
+        ref_c = torch.tensor([e["ref_chosen"] for e in batch], device=logps.device)  # (B,)
+        ref_r = torch.tensor([e["ref_rejected"] for e in batch], device=logps.device)  # (B,)
         losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
         if alpha:
             gt_agree = torch.tensor([e["gt_agree"] for e in batch], device=logps.device)
@@ -171,50 +178,56 @@ def dpo_batch_loss(model, pad_id, beta, alpha, pack):
     return batch_loss
 
 
-# ----------------------------------------------------------------------------------------------------
-# stages
+def one_per_pair(example):
+    """DPO's loss unit: the pair."""
+    return 1
 
-def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
-    """SFT then DPO a fresh policy from `path` on `pairs`, turned so that chosen is what the labeller prefers
-    (hard labels: targets > 0.5), write its test predictions and, if label_pairs is given, its labels on them.
-    Returns the stage summary."""
+
+# ----------------------------------------------------------------------------------------------------
+# one stage: SFT, then DPO a fresh policy, then predict
+
+def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+    """SFT then DPO a fresh policy from `model_path` on `pairs`, turned so that chosen is what the labeller
+    prefers (hard labels: targets > 0.5), write its test predictions and, if label_pairs is given, its labels on
+    them. Returns the stage summary."""
     common.seed_everything(args.seed)
     device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(path)
-    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
+    tok = common.load_tokenizer(model_path)
+    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
-    train_pairs, gt_agree = common.orient(pairs, targets)
-    pairs = common.encode_pairs(tok, train_pairs, max_len)
-    test = common.encode_pairs(tok, test_pairs, max_len)
+    oriented_pairs, gt_agree = common.orient(pairs, targets)
+    train_encoded = common.encode_pairs(tok, oriented_pairs, max_len)
+    test_encoded = common.encode_pairs(tok, test_pairs, max_len)
 
-    sft = [{"seqs": [c]} for c, _ in pairs]  # SFT on the responses its labeller prefers
-    if args.sft_epochs:
-        train(model, sft, common.sft_loss(model, pad), common.response_tokens, pad,
-              args.sft_lr or args.lr, args.sft_epochs, "constant", args, stage_dir / "sft_metrics.jsonl", autocast,
-              f"{stage_dir.name} sft")
+    if args.sft_epochs:  # SFT on the responses its labeller prefers
+        train(model, [{"chosen": c} for c, _ in train_encoded], common.sft_loss(model, pad),
+              units=common.response_tokens, lr=args.sft_lr or args.lr, epochs=args.sft_epochs, args=args,
+              log_path=stage_dir / "sft_metrics.jsonl", autocast=autocast, desc=f"{stage_dir.name} sft")
     # The reference is the SFT model, frozen: its log-probs are computed once per dataset here, before DPO
     # changes the weights, so no second model sits in memory while training, and its dropout can never be on.
     model.eval()
-    ref_train = common.pair_logps(model, pairs, pad, args.micro_batch, autocast)
-    ref_test = common.pair_logps(model, test, pad, args.micro_batch, autocast)
-    examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": a}
-                for (c, r), s, a in zip(pairs, ref_train, gt_agree)]
-    train(model, examples, dpo_batch_loss(model, pad, args.beta, alpha, args.pack), lambda e: 1, pad, args.lr, args.epochs,
-          "constant", args, stage_dir / "metrics.jsonl", autocast, f"{stage_dir.name} dpo")
+    ref_train = common.pair_logps(model, train_encoded, pad, args.micro_batch, autocast)
+    ref_test = common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)
+    examples = [{"chosen": c, "rejected": r, "gt_agree": agree, "ref_chosen": ref_c.sum, "ref_rejected": ref_r.sum}
+                for (c, r), (ref_c, ref_r), agree in zip(train_encoded, ref_train, gt_agree)]
+    train(model, examples, dpo_batch_loss(model, pad, args.beta, alpha, args.pack), units=one_per_pair,
+          lr=args.lr, epochs=args.epochs, args=args, log_path=stage_dir / "metrics.jsonl", autocast=autocast,
+          desc=f"{stage_dir.name} dpo")
 
     model.eval()
-    pol_test = common.pair_logps(model, test, pad, args.micro_batch, autocast)
-    margins = [c[0] - r[0] for c, r in pol_test]
-    implicit = [(c[0] - rc[0]) - (r[0] - rr[0]) for (c, r), (rc, rr) in zip(pol_test, ref_test)]
+    policy_test = common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)
+    margins = [c.sum - r.sum for c, r in policy_test]
+    implicit = [(c.sum - ref_c.sum) - (r.sum - ref_r.sum) for (c, r), (ref_c, ref_r) in zip(policy_test, ref_test)]
     rows = common.prediction_rows(margins)
     for row, m in zip(rows, implicit):
         row.update(implicit_margin=m, implicit_correct=m > 0)
     common.write_jsonl(stage_dir / "predictions.jsonl", rows)
     summary = {**common.accuracy(margins), "implicit_accuracy": common.accuracy(implicit)["accuracy"]}
     if label_pairs is not None:
-        labels = common.pair_logps(model, common.encode_pairs(tok, label_pairs, max_len), pad, args.micro_batch, autocast)
-        label_margins = [c[0] - r[0] for c, r in labels]
+        label_logps = common.pair_logps(model, common.encode_pairs(tok, label_pairs, max_len), pad, args.micro_batch,
+                                        autocast)
+        label_margins = [c.sum - r.sum for c, r in label_logps]
         common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']}), "
@@ -222,41 +235,78 @@ def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs,
     return summary
 
 
-def bench(args):
-    """make bench: the reference log-probs plus one epoch of DPO on common's fixed workload, timed (the SFT
+def run_bench(args):
+    """make bench: the reference log-probs plus one epoch of DPO on bench.py's fixed workload, timed (the SFT
     warm start is not included)."""
     args = dataclasses.replace(args, epochs=1)
-    pairs, path = common.bench_setup(args)
+    pairs, model_path = bench.workload(args)
     device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(path)
-    model = common.load_model(path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
+    tok = common.load_tokenizer(model_path)
+    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
     encoded = common.encode_pairs(tok, pairs, args.max_len)
     loss = dpo_batch_loss(model, tok.pad_token_id, args.beta, 0.0, args.pack)
     with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "metrics.jsonl"
         if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-            warm = [{"seqs": [c, r], "ref": [0.0, 0.0], "gt_agree": True} for c, r in encoded[:args.batch_size]]
-            train(model, warm, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
-                  Path(tmp) / "m.jsonl", autocast, "warm-up")
+            warm = [{"chosen": c, "rejected": r, "gt_agree": True, "ref_chosen": 0.0, "ref_rejected": 0.0}
+                    for c, r in encoded[:args.batch_size]]
+            train(model, warm, loss, units=one_per_pair, lr=args.lr, epochs=1, args=args, log_path=log_path,
+                  autocast=autocast, desc="warm-up")
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         model.eval()
         ref = common.pair_logps(model, encoded, tok.pad_token_id, args.micro_batch, autocast)
-        examples = [{"seqs": [c, r], "ref": [s[0][0], s[1][0]], "gt_agree": True} for (c, r), s in zip(encoded, ref)]
-        steps = train(model, examples, loss, lambda e: 1, tok.pad_token_id, args.lr, 1, "constant", args,
-                      Path(tmp) / "m.jsonl", autocast, "bench dpo")
+        examples = [{"chosen": c, "rejected": r, "gt_agree": True, "ref_chosen": ref_c.sum, "ref_rejected": ref_r.sum}
+                    for (c, r), (ref_c, ref_r) in zip(encoded, ref)]
+        steps = train(model, examples, loss, units=one_per_pair, lr=args.lr, epochs=1, args=args, log_path=log_path,
+                      autocast=autocast, desc="bench dpo")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    real, computed = common.padded_tokens(steps, [common.row_lengths(e["seqs"], args.pack) for e in examples])
-    return common.bench_report("dpo", model, seconds, len(examples), real, computed, " (reference log-probs included)")
+    real, computed = bench.padded_tokens(steps, [common.row_lengths(common.example_texts(e), args.pack)
+                                                  for e in examples])
+    return bench.report("dpo", model, seconds, len(examples), real, computed, " (reference log-probs included)")
 
+
+# ----------------------------------------------------------------------------------------------------
+# the experiment
 
 def main(argv=None):
     args = common.parse_args(Args, argv)
     common.check_args(args)  # every option in range before anything loads
+    if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
+        torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
     if args.bench:
-        return bench(args)
-    return common.Experiment(args, "dpo").run(run_model, "DPO", extra_metrics=("implicit_accuracy",))
+        return run_bench(args)
+
+    # data splits, the locked run folder, the models (tiny ones built here), the code digest for stage caches
+    run = common.start_run(args, "dpo", code_files=[common.__file__, __file__])
+    gt, gt_targets = run.splits["gt"], [1.0] * len(run.splits["gt"])  # ground truth: chosen is better
+    weak_len = args.weak_max_len or args.max_len
+    stages = {}
+    # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
+    stages["weak"] = common.cached(run, "weak", train_and_predict, role="weak", max_len=weak_len,
+                                   pairs=gt, targets=gt_targets, label_split="w2s")
+    # 2. strong ceiling: the strong model on ground truth
+    stages["strong"] = common.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
+                                     pairs=gt, targets=gt_targets)
+    labeller = stages["weak"]
+    if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
+        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=False)
+        labeller = stages["intermediate"] = common.cached(
+            run, "intermediate", train_and_predict, role="intermediate", max_len=args.max_len,
+            pairs=pairs, targets=targets, label_split="gt")
+    # 3. students: the strong model, fresh, on the labeller's hard labels (its preferred response as chosen);
+    #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
+    #    place a student sees ground truth
+    for setting in args.settings.split(","):
+        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=setting == "implicit")
+        alpha = args.alpha if setting == "explicit" else 0.0
+        stages[f"student-{setting}"] = common.cached(
+            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
+            pairs=pairs, targets=targets, alpha=alpha)
+    # 4. report: accuracies (and implicit-reward accuracies), PGR, the knowledge-space table and the DS
+    return common.report(run, stages, "DPO", extra_metrics=("implicit_accuracy",))
 
 
 if __name__ == "__main__":

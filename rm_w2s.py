@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModel
 
+import bench
 import common
 
 
@@ -127,28 +128,30 @@ class RewardModel(nn.Module):
 
 
 @torch.no_grad()
-def score_pairs(model, pairs, pad_id, micro_batch, autocast):
+def score_pairs(model, encoded_pairs, pad_id, micro_batch, autocast):
     """Margins r(chosen) - r(rejected) of encoded pairs, in their order. Texts are scored alone, batched by
     length, so evaluation pads little."""
-    def score(inputs, _, rows, last):
+    def score(batch):
         with autocast():
-            return model(inputs, rows, last).tolist()
-    return [c - r for c, r in common.score_by_length(pairs, pad_id, micro_batch, model.head.weight.device, score)]
+            return model(batch.inputs, batch.rows, batch.last).tolist()
+    rewards = common.score_by_length(encoded_pairs, pad_id, micro_batch, model.head.weight.device, score)
+    return [chosen - rejected for chosen, rejected in rewards]
 
 
 # ----------------------------------------------------------------------------------------------------
 # training loop
 
-def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
-    """examples: dicts with "c", "r" (encoded texts), "p" (target: P(c better)) and "y_gt" (1.0 if c is the
-    ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0). Returns the steps."""
+def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc):
+    """examples: dicts with "chosen", "rejected" (encoded texts), "target" (P(chosen is better)) and "gt_agree"
+    (whether chosen is the ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0).
+    Writes one metrics line per optimizer step to log_path; returns the steps."""
     device = model.head.weight.device
-    lengths = [max(common.row_lengths([e["c"], e["r"]], args.pack)) for e in examples]
+    lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(args.epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, device)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
-    log = open(stage_dir / "metrics.jsonl", "w")
+    log = open(log_path, "w")
     bar = tqdm(steps, desc=desc, dynamic_ncols=True)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
@@ -159,14 +162,15 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
         sums = torch.zeros(5, device=device)  # loss, accuracy, chosen, rejected, margin (summed over pairs)
         for mb in micro_batches:
             batch = [examples[i] for i in mb]
-            inputs, _, rows, last = common.collate([s for e in batch for s in (e["c"], e["r"])], pad_id, device, args.pack)
-            p = torch.tensor([e["p"] for e in batch], device=device)
+            texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
+            inputs, _, rows, last = common.collate(texts, pad_id, device, args.pack)
+            p = torch.tensor([e["target"] for e in batch], device=device)
             with autocast():
                 rewards = model(inputs, rows, last)  # (2B,): chosen, rejected, chosen, ... in one forward
             r_c, r_r = rewards[0::2], rewards[1::2]  # (B,), (B,)
             losses = soft_label_loss(r_c, r_r, p)
             if alpha:
-                y_gt = torch.tensor([e["y_gt"] for e in batch], device=device)
+                y_gt = torch.tensor([float(e["gt_agree"]) for e in batch], device=device)
                 losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
             # each backward adds gradients, so normalise by the pairs of the whole optimizer step: an uneven last
             # micro-batch then weighs what its pairs weigh
@@ -194,63 +198,107 @@ def train(model, examples, pad_id, args, stage_dir, autocast, alpha, desc):
 
 
 # ----------------------------------------------------------------------------------------------------
-# stages
+# one stage: train a fresh reward model, then predict
 
-def run_model(stage_dir, path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
-    """Train a fresh reward model from `path` on ground-truth-oriented `pairs` with `targets` (P(chosen is
+def encode(tok, pairs, max_len):
+    """The reward is read at the text's last token, the response's own last token as in the paper's code (no
+    EOS appended): there attention can compare the answer with the request directly."""
+    return common.encode_pairs(tok, pairs, max_len, eos=False, keep_response_end=True)
+
+
+def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+    """Train a fresh reward model from `model_path` on ground-truth-oriented `pairs` with `targets` (P(chosen is
     better) by the labeller), write its test predictions and, if label_pairs is given, its labels on them.
     Soft targets keep pairs in ground-truth orientation without telling the student anything: the loss is
-    symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p); only the explicit term reads y_gt."""
+    symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p); only the explicit term reads gt_agree.
+    Returns the stage summary."""
     common.seed_everything(args.seed)
     device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(path)
-    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt, args.pack))
+    tok = common.load_tokenizer(model_path)
+    model = RewardModel(common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack))
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
-    # The reward is read at the text's last token, the response's own last token as in the paper's code (no
-    # EOS appended): there attention can compare the answer with the request directly.
-    encode = lambda pairs: common.encode_pairs(tok, pairs, max_len, eos=False, keep_response_end=True)  # noqa: E731
-    examples = [{"c": c, "r": r, "p": p, "y_gt": 1.0} for (c, r), p in zip(encode(pairs), targets)]
-    train(model, examples, tok.pad_token_id, args, stage_dir, autocast, alpha, desc=stage_dir.name)
+    examples = [{"chosen": c, "rejected": r, "target": p, "gt_agree": True}
+                for (c, r), p in zip(encode(tok, pairs, max_len), targets)]
+    train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=stage_dir / "metrics.jsonl",
+          autocast=autocast, alpha=alpha, desc=stage_dir.name)
     model.eval()
-    margins = score_pairs(model, encode(test_pairs), tok.pad_token_id, args.micro_batch, autocast)
+    margins = score_pairs(model, encode(tok, test_pairs, max_len), tok.pad_token_id, args.micro_batch, autocast)
     common.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
     summary = common.accuracy(margins)
     if label_pairs is not None:
-        label_margins = score_pairs(model, encode(label_pairs), tok.pad_token_id, args.micro_batch, autocast)
+        label_margins = score_pairs(model, encode(tok, label_pairs, max_len), tok.pad_token_id, args.micro_batch,
+                                    autocast)
         common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
     return summary
 
 
-def bench(args):
-    """make bench: one epoch of reward-model training on common's fixed workload, timed."""
+def run_bench(args):
+    """make bench: one epoch of reward-model training on bench.py's fixed workload, timed."""
     args = dataclasses.replace(args, epochs=1)
-    pairs, path = common.bench_setup(args)
+    pairs, model_path = bench.workload(args)
     device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(path)
-    model = RewardModel(common.load_model(path, AutoModel, tok, device, args.grad_ckpt, args.pack))
-    encoded = common.encode_pairs(tok, pairs, args.max_len, eos=False, keep_response_end=True)
-    examples = [{"c": c, "r": r, "p": 1.0, "y_gt": 1.0} for c, r in encoded]
+    tok = common.load_tokenizer(model_path)
+    model = RewardModel(common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack))
+    examples = [{"chosen": c, "rejected": r, "target": 1.0, "gt_agree": True}
+                for c, r in encode(tok, pairs, args.max_len)]
     with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "metrics.jsonl"
         if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-            train(model, examples[:args.batch_size], tok.pad_token_id, args, Path(tmp), autocast, 0.0, "warm-up")
+            train(model, examples[:args.batch_size], pad_id=tok.pad_token_id, args=args, log_path=log_path,
+                  autocast=autocast, alpha=0.0, desc="warm-up")
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        steps = train(model, examples, tok.pad_token_id, args, Path(tmp), autocast, 0.0, "bench rm")
+        steps = train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=log_path, autocast=autocast,
+                      alpha=0.0, desc="bench rm")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    real, computed = common.padded_tokens(steps, [common.row_lengths([e["c"], e["r"]], args.pack) for e in examples])
-    return common.bench_report("rm", model, seconds, len(examples), real, computed)
+    real, computed = bench.padded_tokens(steps, [common.row_lengths(common.example_texts(e), args.pack)
+                                                      for e in examples])
+    return bench.report("rm", model, seconds, len(examples), real, computed)
 
+
+# ----------------------------------------------------------------------------------------------------
+# the experiment
 
 def main(argv=None):
     args = common.parse_args(Args, argv)
     common.check_args(args)  # every option in range before anything loads
+    if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
+        torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
     if args.bench:
-        return bench(args)
-    return common.Experiment(args, "rm").run(run_model, "Reward modeling")
+        return run_bench(args)
+
+    # data splits, the locked run folder, the models (tiny ones built here), the code digest for stage caches
+    run = common.start_run(args, "rm", code_files=[common.__file__, __file__])
+    gt, gt_targets = run.splits["gt"], [1.0] * len(run.splits["gt"])  # ground truth: chosen is better
+    weak_len = args.weak_max_len or args.max_len
+    stages = {}
+    # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
+    stages["weak"] = common.cached(run, "weak", train_and_predict, role="weak", max_len=weak_len,
+                                   pairs=gt, targets=gt_targets, label_split="w2s")
+    # 2. strong ceiling: the strong model on ground truth
+    stages["strong"] = common.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
+                                     pairs=gt, targets=gt_targets)
+    labeller = stages["weak"]
+    if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
+        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=False)
+        labeller = stages["intermediate"] = common.cached(
+            run, "intermediate", train_and_predict, role="intermediate", max_len=args.max_len,
+            pairs=pairs, targets=targets, label_split="gt")
+    # 3. students: the strong model, fresh, on the labeller's soft labels p = sigmoid(margin) (BCE);
+    #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
+    #    place a student sees ground truth
+    for setting in args.settings.split(","):
+        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=setting == "implicit")
+        alpha = args.alpha if setting == "explicit" else 0.0
+        stages[f"student-{setting}"] = common.cached(
+            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
+            pairs=pairs, targets=targets, alpha=alpha)
+    # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
+    return common.report(run, stages, "Reward modeling")
 
 
 if __name__ == "__main__":

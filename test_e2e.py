@@ -23,6 +23,7 @@ import common
 import dpo_w2s
 import rm_w2s
 import simpo_w2s
+import toy
 
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
 N_GT = N_W2S = N_TEST = 48
@@ -131,8 +132,8 @@ def test_main_returns_the_results_dict(full_run):
     """main(argv) returns the results it wrote to results.json (what callers and these tests read)."""
     returned = full_run["returned"]
     assert isinstance(returned, dict), (
-        f"rm_w2s.main returned {type(returned).__name__}, not the results dict: common.Experiment.report returns "
-        f"write_report(...), which returns the report's text")
+        f"rm_w2s.main returned {type(returned).__name__}, not the results dict: main must return "
+        f"common.report(...), which returns the results")
     assert json.loads(json.dumps(returned)) == full_run["results"]
 
 
@@ -248,7 +249,7 @@ def test_rerun_is_cached_and_force_reruns(full_run, capsys):
 
 
 def test_cached_stages_belong_to_the_models_of_the_run(full_run, tmp_path, capsys):
-    """PITFALLS 17. A `tiny:` model (weights and tokenizer) is built from the texts of every split, `extra`
+    """A stage's cache key holds what it reads, its models included. A `tiny:` model (weights and tokenizer) is built from the texts of every split, `extra`
     included, which load_splits fills only when `implicit` is among --settings; but the stage cache key leaves
     out --settings (and n_extra/helpful for the ceilings). Re-running the same experiment with --settings none
     builds different weak/strong models, and must then not serve stages trained from the old ones."""
@@ -271,7 +272,7 @@ def test_second_architecture_llama_strong(data_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     texts = [t for f in sorted(Path(data_dir).glob("harmless_*.jsonl")) for p in common.read_jsonl(f)[:64]
              for t in (p["chosen"], p["rejected"])]
-    tok = common.train_tokenizer(texts, 300, bos=True)
+    tok = toy.train_tokenizer(texts, 300, bos=True)
     path = tmp_path / "tiny-llama"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -383,7 +384,7 @@ def test_po_full_run_writes_every_file(po_run):
         rows = read_jsonl(d / "metrics.jsonl")
         assert all(0 <= r["rewards/accuracies"] <= 1 for r in rows)
         if method == "dpo" and stage != "student-explicit":  # the first step's loss is logged before any update,
-            assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # with policy == reference (PITFALLS 12)
+            assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # with policy == reference: log 2
             assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
         assert (d / "labels.jsonl").exists() == (stage == "weak")  # only the weak ceiling labels (the w2s split)
     labels = read_jsonl(root / "weak" / "labels.jsonl")
@@ -470,23 +471,23 @@ def test_simpo_conf_threshold_keeping_nothing_exits(simpo_labelled):
 def test_toy_generator_facts_match_tokenization(tmp_path):
     """Each toy word is one token and TOY_TAIL_TOKENS follow the request, so `toy_visible` (the generator's own
     per-pair record) says exactly whether the cue survives the weak model's left truncation."""
-    pools = common.make_toy_pairs({"gt": 300, "w2s": 300, "test": 300}, 100, seed=3)
-    again = common.make_toy_pairs({"gt": 300, "w2s": 300, "test": 300}, 100, seed=3)
+    pools = toy.make_toy_pairs({"gt": 300, "w2s": 300, "test": 300}, 100, seed=3)
+    again = toy.make_toy_pairs({"gt": 300, "w2s": 300, "test": 300}, 100, seed=3)
     assert pools == again, "the toy data must be deterministic from the seed"
     texts = [t for s in ("gt", "w2s", "test") for p in pools[s] for t in (p["chosen"], p["rejected"])]
-    tok = common.load_tokenizer(common.build_tiny("tiny:1x32", texts, tmp_path, seed=0))
+    tok = common.load_tokenizer(toy.build_tiny("tiny:1x32", texts, tmp_path, seed=0))
     test = pools["test"]
     assert 0.4 < sum(p["harmful"] for p in test) / len(test) < 0.6
-    assert all(p["chosen"].endswith(common.TOY_REFUSE if p["harmful"] else common.TOY_COMPLY) for p in test)
-    assert all(p["chosen"].endswith(common.TOY_COMPLY) for p in pools["extra"]), "helpful answers comply"
+    assert all(p["chosen"].endswith(toy.TOY_REFUSE if p["harmful"] else toy.TOY_COMPLY) for p in test)
+    assert all(p["chosen"].endswith(toy.TOY_COMPLY) for p in pools["extra"]), "helpful answers comply"
     assert any(p["harmful"] for p in pools["extra"]), "the conflict: some helpful pairs comply with harm"
     for eos, weak_max_len in ((False, 13), (True, 14)):
         enc = common.encode_texts(tok, [p["chosen"] for p in test], weak_max_len, eos=eos)
-        cue_words = set(common.TOY_HARMFUL + common.TOY_HARMLESS)
+        cue_words = set(toy.TOY_HARMFUL + toy.TOY_HARMLESS)
         for p, (ids, _) in zip(test, enc):
             seen = {tok.decode([i]).strip() for i in ids} & cue_words
-            assert bool(seen) == common.toy_visible(p, weak_max_len, eos), (p, tok.convert_ids_to_tokens(ids))
-        visible = sum(common.toy_visible(p, weak_max_len, eos) for p in test) / len(test)
+            assert bool(seen) == toy.toy_visible(p, weak_max_len, eos), (p, tok.convert_ids_to_tokens(ids))
+        visible = sum(toy.toy_visible(p, weak_max_len, eos) for p in test) / len(test)
         assert abs(visible - 8 / 25) < 0.07, "the weak model sees the last 8 of 25 words"
 
 
@@ -506,10 +507,10 @@ def test_toy_knowledge_areas_match_the_generator(tmp_path):
                            "--epochs", "4", "--settings", "none", "--out_dir", str(tmp_path), "--log_every", "1000",
                            "--warmup_ratio", "0.05"])  # from scratch, the weak model needs a warm-up to learn at all
     root = Path(results["run_dir"])
-    test = common.make_toy_pairs({"gt": n, "w2s": 200, "test": n}, 0, seed=0)["test"]
+    test = toy.make_toy_pairs({"gt": n, "w2s": 200, "test": n}, 0, seed=0)["test"]
     weak = [r["correct"] for r in read_jsonl(root / "weak" / "predictions.jsonl")]
     strong = [r["correct"] for r in read_jsonl(root / "strong" / "predictions.jsonl")]
-    visible = [common.toy_visible(p, 13, eos=False) for p in test]
+    visible = [toy.toy_visible(p, 13, eos=False) for p in test]
     n_vis = sum(visible)
     weak_err_visible = sum(v and not w for v, w in zip(visible, weak)) / n_vis
     weak_acc_hidden = sum(w for v, w in zip(visible, weak) if not v) / (n - n_vis)
@@ -557,7 +558,7 @@ def test_bench_reports_throughput(data_dir, tmp_path):
 
 
 def test_cache_key_follows_the_data_files(data_dir, tmp_path, capsys):
-    """PITFALLS 17: a data file edited in place (same path, same options) must not reuse the cached stages."""
+    """A stage's cache key holds what it reads: a data file edited in place (same path, same options) must not reuse the cached stages."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     args = ["--data", str(data), "--n_gt", "16", "--n_w2s", "16", "--n_test", "16", "--n_extra", "0",

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+import bench
 import common
 import dpo_w2s
 import rm_w2s
 import simpo_w2s
+import toy
 
 CPU = torch.device("cpu")
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
@@ -68,7 +70,7 @@ CORPUS = [f"\n\nHuman: {q}\n\nAssistant: {a}" for q, a in [
 def save_tiny(tmp_path_factory, name, make_model, bos=False):
     """A random-init model from make_model(tok) and a BPE tokenizer trained on CORPUS, saved like a Hub model."""
     path = tmp_path_factory.mktemp(name)
-    tok = common.train_tokenizer(CORPUS, 300, bos=bos)
+    tok = toy.train_tokenizer(CORPUS, 300, bos=bos)
     torch.manual_seed(0)
     make_model(tok).save_pretrained(path)
     tok.save_pretrained(path)
@@ -197,14 +199,14 @@ def test_explicit_conflict_loss_mixed_batch():
 
 
 def encoded_examples(tok, n, seed=0):
-    """n encoded pairs from CORPUS with soft targets p (as rm_w2s.train expects)."""
+    """n encoded pairs from CORPUS with soft targets (as rm_w2s.train expects)."""
     rng = random.Random(seed)
     texts = list(dict.fromkeys(CORPUS))
     out = []
     for i in range(n):
         c, r = rng.sample(texts, 2)
         (ec, er), = common.encode_pairs(tok, [{"chosen": c, "rejected": r}], 128)
-        out.append({"c": ec, "r": er, "p": rng.random(), "y_gt": 1.0})
+        out.append({"chosen": ec, "rejected": er, "target": rng.random(), "gt_agree": True})
     return out
 
 
@@ -215,11 +217,12 @@ def step_grads(model, examples, micro_batches, pad_id, alpha=0.0, per_micro_mean
     n_pairs = sum(len(mb) for mb in micro_batches)
     for mb in micro_batches:
         batch = [examples[i] for i in mb]
-        rewards = rewards_of(model, [s for e in batch for s in (e["c"], e["r"])], pad_id, pack=True)
+        rewards = rewards_of(model, [s for e in batch for s in (e["chosen"], e["rejected"])], pad_id, pack=True)
         r_c, r_r = rewards[0::2], rewards[1::2]
-        losses = rm_w2s.soft_label_loss(r_c, r_r, torch.tensor([e["p"] for e in batch]))
+        losses = rm_w2s.soft_label_loss(r_c, r_r, torch.tensor([e["target"] for e in batch]))
         if alpha:
-            losses = losses + alpha * rm_w2s.explicit_conflict_loss(r_c, r_r, torch.tensor([e["y_gt"] for e in batch]))
+            y_gt = torch.tensor([float(e["gt_agree"]) for e in batch])
+            losses = losses + alpha * rm_w2s.explicit_conflict_loss(r_c, r_r, y_gt)
         (losses.mean() / len(micro_batches) if per_micro_mean else losses.sum() / n_pairs).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -232,7 +235,8 @@ def assert_grads_close(a, b, atol=1e-6):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_gradient_accumulation_uneven_micro_batches(tiny, alpha):
-    """PITFALLS 11: one batch of 8 == micro-batches 4+4 == 3+5 == 7+1 when normalised by the step's 8 pairs."""
+    """Gradient accumulation divides by the pairs of the whole step, not per micro-batch: one batch of 8 ==
+    micro-batches 4+4 == 3+5 == 7+1 when normalised by the step's 8 pairs."""
     tok, model = reward_model(tiny)
     examples = encoded_examples(tok, 8)
     full = step_grads(model, examples, [list(range(8))], tok.pad_token_id, alpha)
@@ -259,7 +263,8 @@ def run_train(model, examples, pad_id, stage_dir, alpha=0.0, **overrides):
     args = rm_w2s.Args(**{"batch_size": 8, "micro_batch": 8, "lr": 1e-3, "epochs": 1, "warmup_ratio": 0.0,
                           "grad_clip": 1e9, "group_by_length": False, "seed": 0, "log_every": 1000, **overrides})
     stage_dir.mkdir(parents=True, exist_ok=True)
-    rm_w2s.train(model, examples, pad_id, args, stage_dir, contextlib.nullcontext, alpha, desc=stage_dir.name)
+    rm_w2s.train(model, examples, pad_id=pad_id, args=args, log_path=stage_dir / "metrics.jsonl",
+                 autocast=contextlib.nullcontext, alpha=alpha, desc=stage_dir.name)
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -314,7 +319,7 @@ def test_train_one_adamw_step_same_params_for_micro_batch_8_and_4(tiny, tmp_path
 
 @pytest.mark.parametrize("pad", ["eos", "!"])
 def test_reward_padding_invariance(tiny, pad):
-    """PITFALLS 1/2: a text with "!" scores the same alone and right-padded next to a much longer text, with
+    """Masks come from lengths, never from token values (GPT-2's token 0 is "!"): a text with "!" scores the same alone and right-padded next to a much longer text, with
     pad = EOS (load_tokenizer's default: every encoded text ends in a real EOS) and with pad = "!" (GPT-2's 0)."""
     tok, model = reward_model(tiny, pad_token=None if pad == "eos" else "!")
     assert tok.pad_token_id == (tok.eos_token_id if pad == "eos" else tok.convert_tokens_to_ids("!"))
@@ -427,8 +432,8 @@ def test_encode_texts_truncation(tiny):
 
 
 def test_encode_texts_bos_once_at_start():
-    """PITFALLS 6: a BOS-adding tokenizer (Llama/OPT-like) puts exactly one BOS, at position 0."""
-    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    """No BOS lands mid-sequence (prompt and response are encoded separately): a BOS-adding tokenizer (Llama/OPT-like) puts exactly one BOS, at position 0."""
+    tok = toy.train_tokenizer(CORPUS, 300, bos=True)
     assert tok("hi")["input_ids"][0] == tok.bos_token_id
     texts = list(dict.fromkeys(CORPUS))
     for text, (ids, n) in zip(texts, common.encode_texts(tok, texts, 512)):
@@ -440,7 +445,7 @@ def test_encode_texts_bos_once_at_start():
 def test_encode_texts_truncation_keeps_bos():
     """Truncation cuts the prompt from the left; it should not cut the BOS away with it (HF's own
     truncation_side="left" keeps special tokens). Found: common.encode_texts drops it, see the report."""
-    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    tok = toy.train_tokenizer(CORPUS, 300, bos=True)
     text = "\n\nHuman: " + "Tell me a joke please. " * 5 + "\n\nAssistant: Paris is the capital of France."
     [(full, _)] = common.encode_texts(tok, [text], 512)
     [(ids, n)] = common.encode_texts(tok, [text], len(full) - 5)
@@ -482,7 +487,7 @@ def test_make_batches_group_by_length_pads_less():
 
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_make_batches_steps_independent_of_micro_batch(group_by_length):
-    """micro_batch is in common.NOT_IN_KEY ("changes no stage's numbers", the Makefile picks it by model size),
+    """micro_batch is in common.NO_EFFECT ("changes no number of a run", the Makefile picks it by model size),
     so which pairs form each optimizer step must not depend on it. Found: with group_by_length (the default)
     it does; see the report."""
     rng = random.Random(0)
@@ -640,7 +645,7 @@ def causal_lm(path):
 
 
 def test_dpo_loss_is_log2_when_policy_is_reference():
-    """PITFALLS 12: at step 0 (policy == reference) every pair's loss is log 2 = 0.693147 and both rewards are 0."""
+    """The DPO loss starts at log 2: at step 0 (policy == reference) every pair's loss is log 2 = 0.693147 and both rewards are 0."""
     torch.manual_seed(0)
     pi_c, pi_r = -50 * torch.rand(6), -50 * torch.rand(6)
     for beta in (0.1, 0.5, 2.0):
@@ -708,7 +713,7 @@ def token_logps_alone(model, ids):
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny_llama"])
 def test_sequence_logps_brute_force_per_token(arch, request):
-    """PITFALLS 3/4/5: sequence_logps over a right-padded batch (pad = EOS) equals, per sequence, a loop over the
+    """Right padding, the shifted response mask, and no prompt or padding token scored: sequence_logps over a right-padded batch (pad = EOS) equals, per sequence, a loop over the
     response positions t = n_prompt .. len-1 of that sequence alone: the first response token (predicted from the
     last prompt position) and the final EOS count; prompt and padding do not."""
     tok, model = causal_lm(request.getfixturevalue(arch))
@@ -729,7 +734,7 @@ def test_sequence_logps_brute_force_per_token(arch, request):
 
 
 def test_sequence_logps_batched_equals_unbatched(tiny):
-    """PITFALLS 3: per-example log-probs in a right-padded batch equal the unbatched ones, through both paths
+    """Right padding changes nothing: per-example log-probs in a right-padded batch equal the unbatched ones, through both paths
     that DPO/SimPO use: common.pair_logps (evaluation and DPO's reference) and the training forward."""
     tok, model = causal_lm(tiny)
     seqs = common.encode_texts(tok, PO_TEXTS, 128)
@@ -746,7 +751,7 @@ def test_sequence_logps_batched_equals_unbatched(tiny):
 
 
 def test_sequence_logps_ignores_prompt_and_padding_positions():
-    """PITFALLS 5 on the pure function: logits that predict prompt tokens or padding, and the prompt tokens' and
+    """Only response tokens are scored, on the pure function: logits that predict prompt tokens or padding, and the prompt tokens' and
     padding's labels, do not change the result; the logits predicting each response token (the first one
     included, from the last prompt position) do."""
     torch.manual_seed(0)
@@ -772,7 +777,7 @@ def test_sequence_logps_ignores_prompt_and_padding_positions():
             new = common.sequence_logps(changed, ids, resp)[0]
             assert new[i].item() > base[i].item() + 1e-3, f"seq {i}: the logits at {pos} do not count"
             assert torch.equal(torch.cat([new[:i], new[i + 1:]]), torch.cat([base[:i], base[i + 1:]]))
-    # PITFALLS 14: log-softmax in fp32 even for bf16 logits
+    # log-softmax in fp32 even for bf16 logits (bf16 log-probs would round every margin)
     low, _ = common.sequence_logps(logits.bfloat16(), ids, resp)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, common.sequence_logps(logits.bfloat16().float(), ids, resp)[0])
@@ -797,7 +802,7 @@ LENGTH_PAIRS = [
 
 
 def test_dpo_sums_and_simpo_means_in_batch_loss(tiny):
-    """PITFALLS 9: dpo_batch_loss feeds dpo_loss the SUMMED response log-probs, simpo_batch_loss feeds simpo_loss
+    """DPO sums log-probs, SimPO averages them: dpo_batch_loss feeds dpo_loss the SUMMED response log-probs, simpo_batch_loss feeds simpo_loss
     the per-token MEAN (sum / count), with and without the explicit-conflict term, packed or not. Expected values
     come from the brute-force per-token loop on each text alone."""
     tok, model = causal_lm(tiny)
@@ -808,8 +813,8 @@ def test_dpo_sums_and_simpo_means_in_batch_loss(tiny):
     s = {k: torch.tensor([sum(token_logps_alone(model, p[j][0])[p[j][1]:]) for p in enc]) for j, k in enumerate("cr")}
     ref = {"c": s["c"] + torch.tensor([3.0, -2.0, 0.5]), "r": s["r"] + torch.tensor([-1.0, 4.0, 0.0])}
     gt_agree = torch.tensor([True, False, True])
-    examples = [{"seqs": [c, r], "ref": [ref["c"][i].item(), ref["r"][i].item()], "gt_agree": bool(gt_agree[i])}
-                for i, (c, r) in enumerate(enc)]
+    examples = [{"chosen": c, "rejected": r, "ref_chosen": ref["c"][i].item(), "ref_rejected": ref["r"][i].item(),
+                 "gt_agree": bool(gt_agree[i])} for i, (c, r) in enumerate(enc)]
     mean = {k: s[k] / n[k] for k in "cr"}
     for alpha, pack in [(0.0, True), (0.5, True), (0.5, False)]:
         with torch.no_grad():
@@ -925,9 +930,9 @@ def test_confident_subset_reads_only_margins():
 
 
 def fake_experiment(tmp_path, margins, correct, **args):
-    """A common.Experiment with only what student_data reads: args, splits and a labeller folder whose
-    labels.jsonl has the given margins and "correct" fields (so a test can scramble the latter)."""
-    exp = object.__new__(common.Experiment)
+    """What common.student_data reads: args, splits and a labeller folder whose labels.jsonl has the given
+    margins and "correct" fields (so a test can scramble the latter)."""
+    exp = SimpleNamespace()
     exp.args = SimpleNamespace(**{"conf_threshold": 0.0, "conf_scale": 1.0, "drop_weak_errors": False, **args})
     exp.splits = {"w2s": [{"chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(len(margins))],
                   "extra": [{"chosen": "helpful", "rejected": "unhelpful"}]}
@@ -939,9 +944,14 @@ def fake_experiment(tmp_path, margins, correct, **args):
     return exp, {"dir": str(folder), "labelled": "w2s"}
 
 
+def student_data(exp, setting, labeller):
+    """The data of the student of `setting` (none, implicit, explicit) or, with "none", the intermediate model."""
+    return common.student_data(exp.args, exp.splits, labeller, with_helpful=setting == "implicit")
+
+
 @pytest.mark.parametrize("labels", [{}, {"hard_labels": False}], ids=["dpo_simpo", "rm_soft"])
 def test_student_data_never_reads_ground_truth_without_drop_weak_errors(tmp_path, labels):
-    """PITFALLS 16: the students' pairs and targets depend on the labeller's margins only; labels.jsonl's "correct"
+    """Students never read ground truth through their data: the students' pairs and targets depend on the labeller's margins only; labels.jsonl's "correct"
     field (ground truth) is read only under --drop_weak_errors."""
     rng = random.Random(0)
     margins = [rng.uniform(-3, 3) for _ in range(40)] + [0.0]
@@ -952,8 +962,8 @@ def test_student_data_never_reads_ground_truth_without_drop_weak_errors(tmp_path
         for setting in ("none", "implicit", "explicit"):
             exp, labeller = fake_experiment(tmp_path / "a", margins, truth, conf_threshold=threshold, **labels)
             exp2, labeller2 = fake_experiment(tmp_path / "b", margins, scrambled, conf_threshold=threshold, **labels)
-            pairs, targets = exp.student_data(setting, labeller)
-            assert (pairs, targets) == exp2.student_data(setting, labeller2)
+            pairs, targets = student_data(exp, setting, labeller)
+            assert (pairs, targets) == student_data(exp2, setting, labeller2)
             keep = [i for i, m in enumerate(margins) if 1 / (1 + math.exp(-abs(m))) >= threshold]
             assert 0 < len(keep) <= len(margins) and (threshold == 0) == (len(keep) == len(margins))
             n_extra = 1 if setting == "implicit" else 0
@@ -965,7 +975,7 @@ def test_student_data_never_reads_ground_truth_without_drop_weak_errors(tmp_path
     # with the option, "correct" is read, and the scrambled field changes the data
     exp, labeller = fake_experiment(tmp_path / "c", margins, scrambled, conf_threshold=0.6, drop_weak_errors=True,
                                     **labels)
-    pairs, _ = exp.student_data("none", labeller)
+    pairs, _ = student_data(exp, "none", labeller)
     keep = [i for i, m in enumerate(margins) if 1 / (1 + math.exp(-abs(m))) >= 0.6 and scrambled[i]]
     assert pairs == [exp.splits["w2s"][i] for i in keep]
 
@@ -982,7 +992,7 @@ def test_orient(tmp_path):
     assert pairs == original  # the ground-truth-oriented pairs are left as they were
     # through the students' data: chosen is the response the labeller's margin prefers
     exp, labeller = fake_experiment(tmp_path, [2.0, -1.0, 0.5, -0.1], [True, False, True, False])
-    oriented, agree = common.orient(*exp.student_data("none", labeller))
+    oriented, agree = common.orient(*student_data(exp, "none", labeller))
     assert oriented == [{"chosen": "good 0", "rejected": "bad 0"}, {"chosen": "bad 1", "rejected": "good 1"},
                         {"chosen": "good 2", "rejected": "bad 2"}, {"chosen": "bad 3", "rejected": "good 3"}]
     assert agree == [True, False, True, False]
@@ -995,7 +1005,7 @@ def po_examples(tok, model, n, seed=0):
     texts = list(dict.fromkeys(CORPUS))
     enc = common.encode_pairs(tok, [dict(zip(("chosen", "rejected"), rng.sample(texts, 2))) for _ in range(n)], 128)
     ref = common.pair_logps(model, enc, tok.pad_token_id, 4, contextlib.nullcontext)
-    return [{"seqs": [c, r], "ref": [rc[0], rr[0]], "gt_agree": rng.random() < 0.5}
+    return [{"chosen": c, "rejected": r, "ref_chosen": rc.sum, "ref_rejected": rr.sum, "gt_agree": rng.random() < 0.5}
             for (c, r), (rc, rr) in zip(enc, ref)]
 
 
@@ -1014,15 +1024,17 @@ def run_po_train(module, objective, model, examples, pad_id, log_path, alpha, **
     args = module.Args(**{"batch_size": 8, "micro_batch": 8, "epochs": 1, "warmup_ratio": 0.0, "grad_clip": 1e9,
                           "seed": 0, "log_every": 1000, **overrides})
     batch_loss, size = po_objective(module, objective, model, pad_id, alpha)
-    module.train(model, examples, batch_loss, size, pad_id, 1e-3, 1, "constant", args, log_path,
-                 contextlib.nullcontext, log_path.stem)
+    if objective == "sft":
+        examples = [{"chosen": e["chosen"]} for e in examples]
+    module.train(model, examples, batch_loss, units=size, lr=1e-3, epochs=1, args=args, log_path=log_path,
+                 autocast=contextlib.nullcontext, desc=log_path.stem)
     return [json.loads(line) for line in log_path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("objective", ["po", "sft"])
 @pytest.mark.parametrize("module", [dpo_w2s, simpo_w2s], ids=["dpo", "simpo"])
 def test_po_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_path, monkeypatch, module, objective):
-    """PITFALLS 11 for dpo_w2s.train / simpo_w2s.train: each optimizer step's gradient (before clipping; clip 1e9)
+    """Gradient accumulation divides by the units of the whole step, for dpo_w2s.train / simpo_w2s.train: each optimizer step's gradient (before clipping; clip 1e9)
     is the same for micro_batch 8, 4 and 2 (the short last step of 6 pairs splits 6, 4+2, 2+2+2) and equals the
     gradient of the whole step's summed loss divided by its units: pairs for DPO/SimPO (explicit term on), response
     tokens for SFT. Grouped by length, as by default."""
@@ -1044,7 +1056,9 @@ def test_po_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_p
     for micro in (4, 2):
         for a, b in zip(recorded[micro], recorded[8]):
             assert_grads_close(a, b)
-    lengths = [max(common.row_lengths(e["seqs"], True)) for e in examples]  # as train() groups them (packed)
+    if objective == "sft":  # SFT examples hold the chosen text only
+        examples = [{"chosen": e["chosen"]} for e in examples]
+    lengths = [max(common.row_lengths(common.example_texts(e), True)) for e in examples]  # as train() groups them
     for step, got in zip(common.make_batches(lengths, 8, 8, seed=0), recorded[8]):
         model = copy.deepcopy(base)
         batch_loss, size = po_objective(module, objective, model, pad, 0.5)
@@ -1055,7 +1069,7 @@ def test_po_train_accumulates_gradients_independently_of_micro_batch(tiny, tmp_p
 
 
 def test_dpo_train_starts_at_log2(tiny, tmp_path, monkeypatch):
-    """PITFALLS 12 through dpo_w2s.train: with the reference log-probs computed by common.pair_logps from the
+    """The DPO loss starts at log 2, through dpo_w2s.train: with the reference log-probs computed by common.pair_logps from the
     policy itself (as run_model does after SFT) and the weights held still, every step's loss is log 2 and the
     rewards are 0; the reference path (pair_logps) and the training forward agree."""
     tok, model = causal_lm(tiny)
@@ -1071,7 +1085,7 @@ def test_dpo_train_starts_at_log2(tiny, tmp_path, monkeypatch):
         assert {"rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr"} <= row.keys()
 
 
-# ---- length-grouped batching (issue 5)
+# ---- length-grouped batching and packing
 
 def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tiny):
     """Same weights: the per-pair losses over one epoch's micro-batches, and the evaluation margins, do not depend
@@ -1081,14 +1095,15 @@ def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tin
     model.eval()
     examples = encoded_examples(tok, 24, seed=5)
     def per_pair_losses(group, pack):
-        lengths = [max(common.row_lengths([e["c"], e["r"]], pack)) for e in examples]
+        lengths = [max(common.row_lengths(common.example_texts(e), pack)) for e in examples]
         out = {}
         with torch.no_grad():
             for step in common.make_batches(lengths, 8, 4, seed=1, group_by_length=group):
                 for mb in step:
                     batch = [examples[i] for i in mb]
-                    rewards = rewards_of(model, [s for e in batch for s in (e["c"], e["r"])], tok.pad_token_id, pack)
-                    p = torch.tensor([e["p"] for e in batch])
+                    texts = [s for e in batch for s in (e["chosen"], e["rejected"])]
+                    rewards = rewards_of(model, texts, tok.pad_token_id, pack)
+                    p = torch.tensor([e["target"] for e in batch])
                     losses = rm_w2s.soft_label_loss(rewards[0::2], rewards[1::2], p)
                     out.update(zip(mb, losses.tolist()))
         return out
@@ -1099,7 +1114,7 @@ def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tin
         assert sorted(grouped) == sorted(other) == list(range(len(examples)))
         for i in grouped:
             assert grouped[i] == pytest.approx(other[i], abs=1e-5), (group, pack)
-    pairs = [(e["c"], e["r"]) for e in examples]
+    pairs = [(e["chosen"], e["rejected"]) for e in examples]
     batched = rm_w2s.score_pairs(model, pairs, tok.pad_token_id, 4, contextlib.nullcontext)
     alone = rm_w2s.score_pairs(model, pairs, tok.pad_token_id, 1, contextlib.nullcontext)
     assert batched == pytest.approx(alone, abs=1e-5)
@@ -1114,7 +1129,7 @@ def test_grouped_and_ungrouped_batching_same_per_pair_losses_and_predictions(tin
 
 def test_padded_tokens_counts_padding():
     steps = [[[0, 1]], [[2]]]
-    real, computed = common.padded_tokens(steps, [(3, 5), (2, 2), (4, 1)])
+    real, computed = bench.padded_tokens(steps, [(3, 5), (2, 2), (4, 1)])
     assert (real, computed) == (3 + 5 + 2 + 2 + 4 + 1, 4 * 5 + 2 * 4)
 
 
@@ -1191,17 +1206,17 @@ def test_check_packing_refuses_eager_attention(tiny):
 
 
 def test_packing_pads_at_most_ten_percent_on_the_bench_workload(tmp_path):
-    """Issue 5's target, on make bench's own workload and batching (batch 32, micro-batch 8, max length 512):
+    """The padding target (at most 10% of computed tokens), on make bench's own workload and batching (batch 32, micro-batch 8, max length 512):
     packed pairs pad <= 10% of computed tokens; a row per text pads far more (a pair's texts differ in length)."""
     args = SimpleNamespace(data=str(SHARED_DATA / "hh-single-turn"), out_dir=str(tmp_path), bench_model="")
-    pairs, path = common.bench_setup(args)
+    pairs, path = bench.workload(args)
     tok = common.load_tokenizer(path)
     encoded = common.encode_pairs(tok, pairs, 512, eos=False)
     share = {}
     for pack in (True, False):
         rows = [common.row_lengths(pair, pack) for pair in encoded]
         steps = common.make_batches([max(r) for r in rows], 32, 8, seed=0)
-        real, computed = common.padded_tokens(steps, rows)
+        real, computed = bench.padded_tokens(steps, rows)
         share[pack] = 1 - real / computed
     assert share[True] <= 0.10 < 0.20 < share[False], share
 
@@ -1298,11 +1313,11 @@ def test_implicit_student_gets_as_many_helpful_pairs_as_weak_pairs(tmp_path):
     margins = [3.0, 0.1, -2.5, 0.05, -0.2, 4.0]  # confidence >= 0.9 keeps 3 of them
     exp, labeller = fake_experiment(tmp_path, margins, [m > 0 for m in margins], conf_threshold=0.9)
     exp.splits["extra"] = [{"chosen": f"helpful {i}", "rejected": f"unhelpful {i}"} for i in range(10)]
-    pairs, targets = exp.student_data("implicit", labeller)
+    pairs, targets = student_data(exp, "implicit", labeller)
     assert pairs == [exp.splits["w2s"][i] for i in (0, 2, 5)] + exp.splits["extra"][:3]
     assert targets == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     exp.args.conf_threshold = 0.0  # no filter: all 6 weak pairs, 6 of the 10 helpful ones
-    pairs, _ = exp.student_data("implicit", labeller)
+    pairs, _ = student_data(exp, "implicit", labeller)
     assert len(pairs) == 12 and pairs[6:] == exp.splits["extra"][:6]
 
 

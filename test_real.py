@@ -29,6 +29,7 @@ import common
 import dpo_w2s
 import pretrained
 import rm_w2s
+import toy
 
 CPU = torch.device("cpu")
 MODELS = Path(__file__).resolve().parent / "models"
@@ -154,10 +155,12 @@ def test_reward_model_trains_on_real_pairs(pairs, tmp_path):
     tok = common.load_tokenizer(smollm2)
     torch.manual_seed(0)
     model = rm_w2s.RewardModel(common.load_model(smollm2, AutoModel, tok, CPU, pack=True))
-    examples = [{"c": c, "r": r, "p": 1.0, "y_gt": 1.0} for c, r in common.encode_pairs(tok, pairs[:8], 128, eos=False)]
+    examples = [{"chosen": c, "rejected": r, "target": 1.0, "gt_agree": True}
+                for c, r in common.encode_pairs(tok, pairs[:8], 128, eos=False)]
     before = model.head.weight.detach().clone()
     args = train_args(rm_w2s)
-    rm_w2s.train(model, examples, tok.pad_token_id, args, tmp_path, contextlib.nullcontext, 0.0, desc="rm")
+    rm_w2s.train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=tmp_path / "metrics.jsonl",
+                 autocast=contextlib.nullcontext, alpha=0.0, desc="rm")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples_seen"] for r in rows] == [4, 8]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
@@ -173,10 +176,11 @@ def test_dpo_trains_on_real_pairs(pairs, tmp_path):
     pad = tok.pad_token_id
     enc = common.encode_pairs(tok, pairs[:8], 128)
     ref = common.pair_logps(model, enc, pad, 2, contextlib.nullcontext)
-    examples = [{"seqs": [c, r], "ref": [rc[0], rr[0]], "gt_agree": True} for (c, r), (rc, rr) in zip(enc, ref)]
+    examples = [{"chosen": c, "rejected": r, "ref_chosen": rc.sum, "ref_rejected": rr.sum, "gt_agree": True}
+                for (c, r), (rc, rr) in zip(enc, ref)]
     args = train_args(dpo_w2s)
-    dpo_w2s.train(model, examples, dpo_w2s.dpo_batch_loss(model, pad, 0.1, 0.0, True), lambda e: 1, pad, 1e-6, 1,
-                  "constant", args, tmp_path / "metrics.jsonl", contextlib.nullcontext, "dpo")
+    dpo_w2s.train(model, examples, dpo_w2s.dpo_batch_loss(model, pad, 0.1, 0.0, True), units=lambda e: 1, lr=1e-6,
+                  epochs=1, args=args, log_path=tmp_path / "metrics.jsonl", autocast=contextlib.nullcontext, desc="dpo")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
@@ -340,7 +344,7 @@ def assert_first_layers(full_path, cut_path, k, text_ids):
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama, tiny_gemma3], ids=["gpt2", "llama", "gemma3"])
 def test_first_k_layers_of_tiny_models(make_model, tmp_path, monkeypatch):
-    tok = common.train_tokenizer(CORPUS, 300, bos=True)
+    tok = toy.train_tokenizer(CORPUS, 300, bos=True)
     torch.manual_seed(0)
     full = tmp_path / "full"
     make_model(tok).save_pretrained(full)

@@ -94,7 +94,10 @@ lr = $(shell $(PY) -c "print('%g' % ($(1) * $(REAL_LR_SCALE)))")
 .PHONY: real real-dpo real-simpo
 real: models
 	$(PY) rm_w2s.py $(call real_args,$(REAL_N)) --lr $(call lr,1e-5) $(ARGS)
+# DPO and SimPO hold (rows, tokens, 49k-token vocabulary) fp32 logits: at micro-batch 8 a SmolLM2 SimPO student
+# peaked at 15 GB of memory on the CPU and was killed; micro-batch 2 (same steps, same numbers) fits.
+REAL_PO_MICRO ?= $(if $(filter 1,$(cuda)),8,2)
 real-dpo: models
-	$(PY) dpo_w2s.py $(call real_args,$(REAL_PO_N)) --lr $(call lr,1e-6) $(ARGS)
+	$(PY) dpo_w2s.py $(call real_args,$(REAL_PO_N)) --lr $(call lr,1e-6) --micro_batch $(REAL_PO_MICRO) $(ARGS)
 real-simpo: models
-	$(PY) simpo_w2s.py $(call real_args,$(REAL_PO_N)) --lr $(call lr,1e-6) $(ARGS)
+	$(PY) simpo_w2s.py $(call real_args,$(REAL_PO_N)) --lr $(call lr,1e-6) --micro_batch $(REAL_PO_MICRO) $(ARGS)

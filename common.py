@@ -120,7 +120,7 @@ def check_args(args):
         ("gamma", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
         ("conf_threshold", lambda v: 0 <= v < 1, "in [0, 1)"),
         ("conf_scale", lambda v: finite(v) and v > 0, "a finite number > 0"),
-        ("log_every", lambda v: v >= 1, ">= 1"),
+        ("log_every", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0 (0: off)"),
     ]
     for name, ok, allowed in rules:
         if hasattr(args, name) and not ok(getattr(args, name)):
@@ -764,8 +764,9 @@ def slug(text):
 # Neither a run folder's name nor a stage's cache key holds them.
 NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "bench", "bench_model")
 # Options that choose a stage's data, model or loss: a stage's key holds what they chose (digests of its data
-# and model, its max length and alpha), so that a stage re-runs exactly when what it reads changes.
-SELECTION = ("data", "n_gt", "n_w2s", "n_test", "n_extra", "helpful", "weak", "strong", "intermediate", "max_len",
+# and model, its max length and alpha), so that a stage re-runs exactly when what it reads changes. eval_every
+# enters only a student's key (only students write eval_curve.jsonl).
+SELECTION = ("eval_every", "data", "n_gt", "n_w2s", "n_test", "n_extra", "helpful", "weak", "strong", "intermediate", "max_len",
              "weak_max_len", "alpha", "hard_labels", "conf_threshold", "conf_scale", "drop_weak_errors")
 
 
@@ -827,22 +828,43 @@ def start_run(args, method, code_files):
     return Run(args, method, splits, data_stats, root, lock, models, code_digest(code_files))
 
 
-def cached(run, name, train_and_predict, *, role, max_len, pairs, targets, alpha=0.0, label_split=None):
+def cached(run, name, train_and_predict, *, role, max_len, pairs, targets, alpha=0.0, label_split=None,
+           ceilings=None):
     """The stage `name`: a fresh `role` model trained on `pairs` with `targets` (P(chosen is better)) and
     scored on the test split (and on `label_split`, which it then labels), or its outputs from the cache.
     train_and_predict is the method's own; it writes the stage's files and returns its summary. The cache key
     holds what the stage reads: the training options, the model's digest, max_len, alpha, the data and the
-    code (cached_stage)."""
+    code (cached_stage). ceilings: the weak and strong ceiling stages, for a student: with --eval_every its
+    knowledge areas (and DS) are scored during training, into eval_curve.jsonl."""
     path, model_digest = run.models[role]
     test_pairs, label_pairs = run.splits["test"], run.splits.get(label_split)
     data = digest(pairs_digest(pairs, targets), pairs_digest(test_pairs), pairs_digest(label_pairs or []))
-    key = stage_key(run.args, model=model_digest, max_len=max_len, alpha=alpha, data=data, **run.code)
+    curve = ceilings is not None and run.args.eval_every > 0
+    key = stage_key(run.args, model=model_digest, max_len=max_len, alpha=alpha, data=data, **run.code,
+                    **({"eval_every": run.args.eval_every} if curve else {}))
 
     def compute(stage_dir):
+        evaluate = None
+        if curve:
+            known = [[row["correct"] for row in read_predictions(ceilings[c]["dir"])] for c in ("weak", "strong")]
+            evaluate = curve_writer(stage_dir / "eval_curve.jsonl", *known)
         summary = train_and_predict(stage_dir, model_path=path, max_len=max_len, pairs=pairs, targets=targets,
-                                    test_pairs=test_pairs, label_pairs=label_pairs, args=run.args, alpha=alpha)
+                                    test_pairs=test_pairs, label_pairs=label_pairs, args=run.args, alpha=alpha,
+                                    evaluate=evaluate)
         return {**summary, "labelled": label_split, "n_train": len(pairs)}
     return cached_stage(run.root, name, key, compute, run.args.force, record=run.code)
+
+
+def curve_writer(path, weak_correct, strong_correct):
+    """evaluate(step, examples_seen, margins) for a training loop: appends the student's test accuracy, DS, and
+    its error rate in each knowledge area at that point to `path` (one json line per call)."""
+    def evaluate(step, examples_seen, margins):
+        space = knowledge_space(weak_correct, strong_correct, [m > 0 for m in margins])
+        row = {"step": step, "examples_seen": examples_seen, **accuracy(margins), "ds": space["ds"],
+               "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return evaluate
 
 
 def write_atomic(path, text):

@@ -73,6 +73,7 @@ class Args:
     seed: int = 0  # one seed for data order and batching
     out_dir: str = "runs"  # run folders go here
     log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 0  # students: score the test split every this many optimizer steps into eval_curve.jsonl (0: off)
     force: bool = False  # re-run stages even if cached
     bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
     bench_model: str = ""  # with --bench: time this model (Hub id or path) instead of the 4-layer GPT-2 built here
@@ -110,11 +111,12 @@ def dpo_conflict_loss(pi_c, pi_r, ref_c, ref_r, gt_agree, beta):
 # ----------------------------------------------------------------------------------------------------
 # training loop: one loop for the SFT warm start and for DPO, told apart by `batch_loss`
 
-def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc):
+def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
     """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
     (dicts with "chosen" and, for DPO, "rejected", "ref_chosen", "ref_rejected", "gt_agree": see common.py) for
     `epochs`, with a linear warm-up then a constant learning rate (the paper's schedule). `units(example)` is
-    the loss's unit count (1 per pair for DPO, response tokens for SFT). Returns the steps."""
+    the loss's unit count (1 per pair for DPO, response tokens for SFT). evaluate(step, examples_seen), if given,
+    runs every args.eval_every steps and at the last one. Returns the steps."""
     device = next(model.parameters()).device
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
@@ -153,6 +155,8 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
             log.flush()
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
+        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
+            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
     log.close()
     return steps
 
@@ -186,7 +190,8 @@ def one_per_pair(example):
 # ----------------------------------------------------------------------------------------------------
 # one stage: SFT, then DPO a fresh policy, then predict
 
-def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha,
+                      evaluate=None):
     """SFT then DPO a fresh policy from `model_path` on `pairs`, turned so that chosen is what the labeller
     prefers (hard labels: targets > 0.5), write its test predictions and, if label_pairs is given, its labels on
     them. Returns the stage summary."""
@@ -211,9 +216,11 @@ def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pa
     ref_test = common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)
     examples = [{"chosen": c, "rejected": r, "gt_agree": agree, "ref_chosen": ref_c.sum, "ref_rejected": ref_r.sum}
                 for (c, r), (ref_c, ref_r), agree in zip(train_encoded, ref_train, gt_agree)]
+    def test_margins():  # the policy's preference: the larger summed log-likelihood
+        return [c.sum - r.sum for c, r in common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)]
     train(model, examples, dpo_batch_loss(model, pad, args.beta, alpha, args.pack), units=one_per_pair,
           lr=args.lr, epochs=args.epochs, args=args, log_path=stage_dir / "metrics.jsonl", autocast=autocast,
-          desc=f"{stage_dir.name} dpo")
+          desc=f"{stage_dir.name} dpo", evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
 
     model.eval()
     policy_test = common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)
@@ -304,7 +311,7 @@ def main(argv=None):
         alpha = args.alpha if setting == "explicit" else 0.0
         stages[f"student-{setting}"] = common.cached(
             run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
-            pairs=pairs, targets=targets, alpha=alpha)
+            pairs=pairs, targets=targets, alpha=alpha, ceilings=stages)
     # 4. report: accuracies (and implicit-reward accuracies), PGR, the knowledge-space table and the DS
     return common.report(run, stages, "DPO", extra_metrics=("implicit_accuracy",))
 

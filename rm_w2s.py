@@ -71,6 +71,7 @@ class Args:
     seed: int = 0  # one seed for data order, head init and batching
     out_dir: str = "runs"  # run folders go here
     log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 0  # students: score the test split every this many optimizer steps into eval_curve.jsonl (0: off)
     force: bool = False  # re-run stages even if cached
     bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
     bench_model: str = ""  # with --bench: time this model (Hub id or path) instead of the 4-layer GPT-2 built here
@@ -141,10 +142,11 @@ def score_pairs(model, encoded_pairs, pad_id, micro_batch, autocast):
 # ----------------------------------------------------------------------------------------------------
 # training loop
 
-def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc):
+def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc, evaluate=None):
     """examples: dicts with "chosen", "rejected" (encoded texts), "target" (P(chosen is better)) and "gt_agree"
     (whether chosen is the ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0).
-    Writes one metrics line per optimizer step to log_path; returns the steps."""
+    Writes one metrics line per optimizer step to log_path; calls evaluate(step, examples_seen) every
+    args.eval_every steps and at the last one, if given. Returns the steps."""
     device = model.head.weight.device
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(args.epochs) for s in
@@ -193,6 +195,8 @@ def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc):
             log.flush()
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} loss {loss:.4f} acc {acc:.3f} "
                        f"margin {margin:.3f} grad_norm {float(grad_norm):.3f} lr {lr:.2e}")
+        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
+            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
     log.close()
     return steps
 
@@ -206,7 +210,8 @@ def encode(tok, pairs, max_len):
     return common.encode_pairs(tok, pairs, max_len, eos=False, keep_response_end=True)
 
 
-def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha,
+                      evaluate=None):
     """Train a fresh reward model from `model_path` on ground-truth-oriented `pairs` with `targets` (P(chosen is
     better) by the labeller), write its test predictions and, if label_pairs is given, its labels on them.
     Soft targets keep pairs in ground-truth orientation without telling the student anything: the loss is
@@ -219,10 +224,15 @@ def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pa
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
     examples = [{"chosen": c, "rejected": r, "target": p, "gt_agree": True}
                 for (c, r), p in zip(encode(tok, pairs, max_len), targets)]
+    test_encoded = encode(tok, test_pairs, max_len)
+
+    def test_margins():
+        return score_pairs(model, test_encoded, tok.pad_token_id, args.micro_batch, autocast)
     train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=stage_dir / "metrics.jsonl",
-          autocast=autocast, alpha=alpha, desc=stage_dir.name)
+          autocast=autocast, alpha=alpha, desc=stage_dir.name,
+          evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
     model.eval()
-    margins = score_pairs(model, encode(tok, test_pairs, max_len), tok.pad_token_id, args.micro_batch, autocast)
+    margins = test_margins()
     common.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
     summary = common.accuracy(margins)
     if label_pairs is not None:
@@ -296,7 +306,7 @@ def main(argv=None):
         alpha = args.alpha if setting == "explicit" else 0.0
         stages[f"student-{setting}"] = common.cached(
             run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
-            pairs=pairs, targets=targets, alpha=alpha)
+            pairs=pairs, targets=targets, alpha=alpha, ceilings=stages)
     # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
     return common.report(run, stages, "Reward modeling")
 

@@ -79,6 +79,7 @@ class Args:
     seed: int = 0  # one seed for data order and batching
     out_dir: str = "runs"  # run folders go here
     log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 0  # students: score the test split every this many optimizer steps into eval_curve.jsonl (0: off)
     force: bool = False  # re-run stages even if cached
     bench: bool = False  # only time one epoch of training on the fixed benchmark workload (make bench)
     bench_model: str = ""  # with --bench: time this model (Hub id or path) instead of the 4-layer GPT-2 built here
@@ -111,11 +112,12 @@ def simpo_conflict_loss(pi_c, pi_r, gt_agree, beta, gamma):
 # ----------------------------------------------------------------------------------------------------
 # training loop: one loop for the SFT warm start and for SimPO, told apart by `batch_loss`
 
-def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc):
+def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
     """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
     (dicts with "chosen" and, for SimPO, "rejected" and "gt_agree": see common.py) for
     `epochs`, with a linear warm-up then a constant learning rate (the paper's schedule). `units(example)` is
-    the loss's unit count (1 per pair for SimPO, response tokens for SFT). Returns the steps."""
+    the loss's unit count (1 per pair for SimPO, response tokens for SFT). evaluate(step, examples_seen), if
+    given, runs every args.eval_every steps and at the last one. Returns the steps."""
     device = next(model.parameters()).device
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
@@ -154,6 +156,8 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
             log.flush()
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
+        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
+            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
     log.close()
     return steps
 
@@ -185,7 +189,8 @@ def one_per_pair(example):
 # ----------------------------------------------------------------------------------------------------
 # one stage: SFT, then SimPO a fresh policy, then predict
 
-def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha):
+def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha,
+                      evaluate=None):
     """SFT then SimPO a fresh policy from `model_path` on `pairs`, turned so that chosen is what the labeller
     prefers (hard labels: targets > 0.5), write its test predictions and, if label_pairs is given, its labels on
     them. Returns the stage summary."""
@@ -203,20 +208,21 @@ def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pa
               units=common.response_tokens, lr=args.sft_lr or args.lr, epochs=args.sft_epochs, args=args,
               log_path=stage_dir / "sft_metrics.jsonl", autocast=autocast, desc=f"{stage_dir.name} sft")
     examples = [{"chosen": c, "rejected": r, "gt_agree": agree} for (c, r), agree in zip(train_encoded, gt_agree)]
+    test_encoded = common.encode_pairs(tok, test_pairs, max_len)
+
+    def mean_margins(encoded):  # SimPO's preference: the larger mean per-token log-likelihood
+        return [c.mean - r.mean for c, r in common.pair_logps(model, encoded, pad, args.micro_batch, autocast)]
     train(model, examples, simpo_batch_loss(model, pad, args.beta, args.gamma, alpha, args.pack), units=one_per_pair,
           lr=args.lr, epochs=args.epochs, args=args, log_path=stage_dir / "metrics.jsonl", autocast=autocast,
-          desc=f"{stage_dir.name} simpo")
+          desc=f"{stage_dir.name} simpo",
+          evaluate=evaluate and (lambda step, seen: evaluate(step, seen, mean_margins(test_encoded))))
 
     model.eval()
-
-    def mean_margins(text_pairs):  # SimPO's preference: the larger mean per-token log-likelihood
-        logps = common.pair_logps(model, common.encode_pairs(tok, text_pairs, max_len), pad, args.micro_batch, autocast)
-        return [c.mean - r.mean for c, r in logps]
-    margins = mean_margins(test_pairs)
+    margins = mean_margins(test_encoded)
     common.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
     summary = common.accuracy(margins)
     if label_pairs is not None:
-        label_margins = mean_margins(label_pairs)
+        label_margins = mean_margins(common.encode_pairs(tok, label_pairs, max_len))
         common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
@@ -285,7 +291,7 @@ def main(argv=None):
         alpha = args.alpha if setting == "explicit" else 0.0
         stages[f"student-{setting}"] = common.cached(
             run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
-            pairs=pairs, targets=targets, alpha=alpha)
+            pairs=pairs, targets=targets, alpha=alpha, ceilings=stages)
     # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
     return common.report(run, stages, "SimPO")
 

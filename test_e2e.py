@@ -688,3 +688,25 @@ def test_sft_and_preference_schedules_are_the_papers(po_run):
         rows = read_jsonl(po_run["root"] / "student-none" / log)
         assert [r["lr"] for r in rows] == pytest.approx(
             [common.lr_at(i, len(rows), lr, cfg["warmup_ratio"], "constant") for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("method", ["rm", "dpo", "simpo"])
+def test_eval_every_changes_no_training_and_ends_at_the_report(method, data_dir, tmp_path):
+    """--eval_every scores each student on the test split during training (eval_curve.jsonl): the training
+    curves and final predictions equal a run without it, and the last curve point is the final report."""
+    module = {"rm": rm_w2s, **PO}[method]
+    base = small_argv(data_dir, tmp_path, "--settings", "none,explicit", *(["--epochs", "1"] if method != "rm" else []))
+    plain = module.main(base)
+    curved = module.main(base + ["--eval_every", "1"])
+    assert curved["run_dir"] != plain["run_dir"]
+    for setting in ("none", "explicit"):
+        a, b = Path(plain["run_dir"]) / f"student-{setting}", Path(curved["run_dir"]) / f"student-{setting}"
+        assert read_jsonl(a / "predictions.jsonl") == read_jsonl(b / "predictions.jsonl")
+        assert read_jsonl(a / "metrics.jsonl") == read_jsonl(b / "metrics.jsonl")
+        curve = read_jsonl(b / "eval_curve.jsonl")
+        assert not (a / "eval_curve.jsonl").exists()
+        assert [r["step"] for r in curve] == [r["step"] for r in read_jsonl(b / "metrics.jsonl")]
+        student = curved["students"][setting]
+        assert curve[-1]["accuracy"] == student["accuracy"] and curve[-1]["ds"] == student["ds"]
+        assert curve[-1]["areas"] == {k: v["student_error"] for k, v in student["areas"].items()}
+    assert not (Path(curved["run_dir"]) / "weak" / "eval_curve.jsonl").exists()  # ceilings are not students

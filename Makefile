@@ -47,6 +47,7 @@ demo:
 	$(PY) dpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 1e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	$(PY) simpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 3e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	@for m in rm dpo simpo; do echo; cat $(DEMO_DIR)/$$m-toy-*-s$(SEED)-*/report.md; done
+	$(PY) sweep.py --runs $(DEMO_DIR) --out_dir $(DEMO_DIR)/sweep  # every demo run so far: tables and figures
 
 # Throughput of each method's training stage on one fixed workload (bench.workload): 256 pairs of the
 # paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch.

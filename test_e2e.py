@@ -542,6 +542,9 @@ def test_reduced_make_demo(tmp_path):
         results = json.loads((root / "results.json").read_text())
         assert set(results["students"]) == {"none", "implicit", "explicit"}
         assert "ΔDS" in (root / "report.md").read_text()
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())  # the demo ends with the sweep's figures
+    assert len(summary["runs"]) == 3 and summary["figures"] and (tmp_path / "sweep" / "sweep.md").exists()
+    assert all((tmp_path / "sweep" / f["file"]).stat().st_size > 0 for f in summary["figures"])
 
 
 def test_bench_reports_throughput(data_dir, tmp_path):

@@ -31,16 +31,6 @@ N_EXTRA = 24
 STAGES = ("weak", "strong", "student-none", "student-implicit", "student-explicit")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """On small CPU machines torch's default intra-op threads make tiny models ~50x slower (measured on the
-    2-core CI box); results agree up to float rounding."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic_pairs(tag, n, seed, multi_turn=0):
     """HH-style pairs: a harmless answer (chosen) and a harmful one (rejected) to a request; unique texts."""
     rng = random.Random(seed)

@@ -34,16 +34,6 @@ CPU = torch.device("cpu")
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """On small CPU machines torch's default intra-op threads make tiny models ~50x slower (measured on the
-    2-core CI box: 0.45 s vs 0.006 s per forward+backward); results agree up to float rounding."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def data_source(kind):
     """Which data a test reads: the shared offline copy if present, else synthetic; says so (never a silent skip)."""
     path = SHARED_DATA / kind

@@ -37,16 +37,6 @@ SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma-3-270m"  # the folders `make mo
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def threads():
-    """One torch thread: on the 2-core CI box with another job beside it this file took 66 s with one thread and
-    227 s with two (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def converted(name):
     """The path of a folder `make models` writes; where it is missing, the calling test fails and says why."""
     path = MODELS / name

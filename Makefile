@@ -7,6 +7,9 @@ ARGS ?=
 # gpt2-xl fits one 80 GB GPU, 8 otherwise.
 micro = $(if $(filter %large %xl %-1.3b %-2.7b %-6.7b,$(1)),4,8)
 MICRO ?= $(call micro,$(STRONG))
+# NPROC=N: the same script under torchrun, N processes (one GPU each), sharded with FSDP (README "Several GPUs").
+NPROC ?=
+RUN = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 
 .PHONY: install models test rm dpo simpo demo bench
 install:
@@ -22,13 +25,13 @@ test: install models
 	$(PY) -m pytest -q
 
 rm:
-	$(PY) rm_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
+	$(RUN) rm_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
 
 dpo:
-	$(PY) dpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
+	$(RUN) dpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
 
 simpo:
-	$(PY) simpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
+	$(RUN) simpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
 
 # The offline toy testbed (README "make demo"): tiny models built locally, data generated from the seed.
 # The weak model reads only the last 8 words of each request (13 tokens for the reward model, 14 for

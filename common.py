@@ -36,6 +36,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -133,6 +134,11 @@ def check_args(args):
     for option in ("weak", "strong", "intermediate"):
         if getattr(args, option):
             check_model_name(option, getattr(args, option))
+    torchrun = "LOCAL_RANK" in os.environ
+    if args.fsdp_cpu_offload and not torchrun:
+        raise SystemExit("error: --fsdp_cpu_offload shards with FSDP, which needs torchrun (torchrun --nproc_per_node N ...)")
+    if args.bench and torchrun:
+        raise SystemExit("error: --bench times one process; run it with python, not torchrun")
 
 
 def check_model_name(option, name):
@@ -163,9 +169,9 @@ def seed_everything(seed):
 
 def device_and_autocast():
     """bf16 autocast on CUDA (fp16 would need a GradScaler and gives NaN in DPO), plain fp32 on CPU. (The CUDA
-    attention back-end is chosen in each script's main().)"""
+    attention back-end is chosen in each script's main().) Under torchrun each rank computes on its own GPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda"), lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.device("cpu"), nullcontext
 
 
@@ -388,6 +394,8 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False):
         config.activation_function = "gelu_pytorch_tanh"  # GPT-2's GELU as one fused kernel: same formula, faster
     config.pad_token_id = tok.pad_token_id
     model = auto_class.from_pretrained(path, config=config, dtype=torch.float32)
+    if model.get_output_embeddings() is not None:  # a causal LM: its logits in fp32 (lm_logits)
+        model.set_output_embeddings(FP32Head(model.get_output_embeddings()))
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -587,33 +595,49 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
 
 def score_by_length(encoded_pairs, pad_id, micro_batch, device, score):
     """Evaluation of encoded pairs: each text alone, batched by length (little padding), in chunks of
-    2 * micro_batch texts. score(batch) (a pad_texts Batch) -> one value per text.
+    2 * micro_batch texts. score(batch) (a pad_texts Batch) -> one value per text. Under torchrun each rank
+    scores its share of the chunks and every rank gets all the values.
     Returns [(value_chosen, value_rejected), ...] in the pairs' order."""
     texts = [t for pair in encoded_pairs for t in pair]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].ids))
+    chunks = [order[j: j + 2 * micro_batch] for j in range(0, len(order), 2 * micro_batch)]
+    scored = []
+    for chunk, weight in rank_share(chunks):
+        values = score(pad_texts([texts[i] for i in chunk], pad_id, device))  # a weight-0 chunk is scored too:
+        if weight:                                                             # FSDP needs equal forward counts
+            scored.append((chunk, values))
     out = [None] * len(texts)
-    for j in range(0, len(order), 2 * micro_batch):
-        chunk = order[j: j + 2 * micro_batch]
-        for i, value in zip(chunk, score(pad_texts([texts[i] for i in chunk], pad_id, device))):
+    for chunk, values in gather_lists(scored):
+        for i, value in zip(chunk, values):
             out[i] = value
     return list(zip(out[0::2], out[1::2]))
 
 
+class FP32Head(nn.Module):
+    """A causal LM's output projection, run in fp32 even under bf16 autocast: the body runs in bf16, the
+    projection does not, since bf16 logits (8 bits of mantissa) quantize every log-prob and margin read from
+    them. load_model puts it in place of the model's own (the weight is the same tensor, tied or not), so the
+    model's forward, which FSDP hooks into, gives fp32 logits."""
+
+    def __init__(self, projection):
+        super().__init__()
+        self.projection = projection
+
+    def forward(self, hidden):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.projection(hidden.float())
+
+
 def lm_logits(model, inputs):
-    """A causal LM's logits (R, T, V) in fp32 even under bf16 autocast: the body runs in bf16, the output
-    projection does not, since bf16 logits (8 bits of mantissa) quantize every log-prob and margin read from them.
-    Same values as model(**inputs).logits in fp32 (tested on GPT-2, Llama, OPT, GPT-NeoX)."""
-    hidden = model.base_model(**inputs).last_hidden_state  # (R, T, H)
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = model.get_output_embeddings()(hidden.float())
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits in forward()
-    return torch.tanh(logits / cap) * cap if cap else logits
+    """A causal LM's logits (R, T, V), in fp32 (FP32Head; a model's own final steps such as Gemma's logit
+    soft-capping included). Same values as the unchanged model's in fp32 (tested on GPT-2, Llama, OPT, GPT-NeoX)."""
+    return model(**inputs).logits
 
 
 def forward_logps(model, texts, pad_id, pack=False):
     """LogProbs (summed response log-probs (N,), response token counts (N,)) of encoded texts, in one forward;
     pack=True puts them two by two into a row (a pair's chosen and rejected texts)."""
-    batch = collate(texts, pad_id, next(model.parameters()).device, pack)
+    batch = collate(texts, pad_id, device_and_autocast()[0], pack)
     logits = lm_logits(model, batch.inputs)  # (R, T, V)
     return sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask, batch.rows)
 
@@ -642,7 +666,7 @@ def pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast):
             logits = lm_logits(model, batch.inputs)  # (N, T, V)
         logps = sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask)
         return [LogProbs(*values) for values in zip(logps.sum.tolist(), logps.n_tokens.tolist())]
-    return score_by_length(encoded_pairs, pad_id, micro_batch, next(model.parameters()).device, score)
+    return score_by_length(encoded_pairs, pad_id, micro_batch, device_and_autocast()[0], score)
 
 
 def lr_at(step, total_steps, lr, warmup_ratio, schedule):
@@ -658,8 +682,100 @@ def lr_at(step, total_steps, lr, warmup_ratio, schedule):
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, lr, weight_decay, device):
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+def make_optimizer(params, lr, weight_decay):
+    params = list(params)  # fused AdamW where the parameters live on a GPU (not under --fsdp_cpu_offload)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node N <script>.py ...` trains data-parallel with FSDP. Every rank
+# runs the whole script; each takes its share of every optimizer step's micro-batches and of every scoring
+# pass; rank 0 alone writes files and prints. A plain `python <script>.py` never starts torch.distributed, and
+# then every function here leaves things as they are (one rank, all the micro-batches, weight 1).
+
+def init_distributed():
+    """Under torchrun (which sets LOCAL_RANK, RANK, WORLD_SIZE): join the process group, NCCL with one GPU
+    per rank, gloo on CPU. The other ranks' stdout goes to /dev/null (their errors still reach stderr)."""
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(model, cpu_offload=False):
+    """FSDP (fully_shard) over all ranks: each transformer block (the model's _no_split_modules) is a unit whose
+    parameters are gathered for its forward and backward and freed after; the rest (embeddings, final norm,
+    heads) is the root unit. Gradients are reduce-scattered, and each rank keeps 1/N of the parameters,
+    gradients and AdamW state. On CUDA the blocks compute in bf16 from fp32 master weights and reduce
+    gradients in fp32 (FSDP's mixed precision); the root stays fp32 (its heads compute in fp32 anyway).
+    cpu_offload: parameters, gradients and optimizer state live in CPU memory between uses.
+    One process: the model is returned as it is."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mixed, offload_policy=offload)
+    # the root too is resharded after its forward: FSDP would otherwise keep it gathered for the backward, and
+    # after a forward under no_grad (scoring, DPO's reference log-probs) the next backward misses its gradients
+    return fully_shard(model, reshard_after_forward=True, offload_policy=offload)
+
+
+def rank_share(micro_batches):
+    """This rank's micro-batches of one optimizer step (or chunks of one scoring pass), as (items, weight).
+    FSDP gathers parameters inside every forward, so every rank must run the same number of forwards: a rank
+    with one fewer repeats the first micro-batch with weight 0 (it counts for nothing). A real micro-batch has
+    weight N (the number of ranks): FSDP averages the ranks' gradients, and N turns that mean back into the sum
+    over the whole step, so the loss normalised "per pair of the whole step" gives the one-process gradient."""
+    n = world_size()
+    mine = micro_batches[rank()::n]
+    per_rank = -(-len(micro_batches) // n)
+    return [(mb, float(n)) for mb in mine] + [(micro_batches[0], 0.0)] * (per_rank - len(mine))
+
+
+def sum_over_ranks(tensor):
+    """The tensor summed over all ranks, in place (one process: unchanged)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_lists(items):
+    """Every rank's list of picklable items, concatenated, on every rank (one process: the list)."""
+    if not dist.is_initialized():
+        return items
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
+def from_rank0(obj):
+    """Rank 0's obj, on every rank; also a meeting point: no rank passes until rank 0 got here."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -762,7 +878,8 @@ def slug(text):
 
 # Options that change no number of a run: they trade memory for time, or say what to run and how to print.
 # Neither a run folder's name nor a stage's cache key holds them.
-NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "bench", "bench_model")
+NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "fsdp_cpu_offload", "bench",
+             "bench_model")
 # Options that choose a stage's data, model or loss: a stage's key holds what they chose (digests of its data
 # and model, its max length and alpha), so that a stage re-runs exactly when what it reads changes. eval_every
 # enters only a student's key (only students write eval_curve.jsonl).
@@ -821,10 +938,15 @@ class Run:
 
 
 def start_run(args, method, code_files):
-    """Load the data splits, open and lock the run folder, build or resolve the models, digest the code."""
+    """Join the process group under torchrun, load the data splits, open and lock the run folder, build or
+    resolve the models, digest the code. Under torchrun rank 0 opens the folder and builds the models first;
+    the other ranks then find them built."""
+    init_distributed()
     splits, data_stats = load_splits(args)
-    root, lock = open_run(args, method)
-    models = resolve_models(args, splits)
+    root, lock = open_run(args, method) if rank() == 0 else (run_dir(args, method), None)
+    models = resolve_models(args, splits) if rank() == 0 else None
+    barrier()
+    models = models or resolve_models(args, splits)
     return Run(args, method, splits, data_stats, root, lock, models, code_digest(code_files))
 
 
@@ -862,14 +984,18 @@ def curve_writer(path, weak_correct, strong_correct):
         space = knowledge_space(weak_correct, strong_correct, [m > 0 for m in margins])
         row = {"step": step, "examples_seen": examples_seen, **accuracy(margins), "ds": space["ds"],
                "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if rank() == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
     return evaluate
 
 
 def write_atomic(path, text):
     """Write a file whole or not at all: a temporary file beside it, then a rename. The file gets the usual
-    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure."""
+    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure. Under
+    torchrun only rank 0 writes (every rank holds the same values)."""
+    if rank() != 0:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -942,25 +1068,18 @@ def cached_stage(root, name, key, fn, force=False, record=None):
     is written last, every margin the stage wrote must be finite, and the training curves are read for
     divergence. An interrupted stage leaves no stage.json, and its folder is wiped before a re-run."""
     stage_dir = Path(root) / name
-    if not force:
-        for candidate in [stage_dir, *sorted(p for p in Path(root).parent.glob(f"*/{name}") if p != stage_dir)]:
-            done = candidate / "stage.json"
-            saved = json.loads(done.read_text()) if done.exists() else {}
-            if saved.get("key") != key:
-                continue
-            if candidate != stage_dir:
-                try:
-                    shutil.rmtree(stage_dir, ignore_errors=True)
-                    shutil.copytree(candidate, stage_dir)
-                except OSError:  # the other run is rewriting it: train here instead
-                    continue
-            print(f"[{name}] cached in {candidate} (use --force to re-run)")
-            return {**saved, "dir": str(stage_dir)}
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True)
+    hit = from_rank0(None if force or rank() != 0 else find_cached(stage_dir, name, key))  # torchrun: rank 0 looks
+    if hit is not None:
+        return hit
+    if rank() == 0:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True)
+    barrier()
     t0 = time.time()
-    summary = fn(stage_dir)
+    summary = fn(stage_dir)  # under torchrun every rank trains; rank 0 writes the files
+    barrier()  # every rank finished: a rank that failed never lets rank 0 write stage.json
+    if rank() != 0:
+        return from_rank0(None)
     for file in ("predictions.jsonl", "labels.jsonl"):
         if (stage_dir / file).exists():
             check_finite([row["margin"] for row in read_jsonl(stage_dir / file)], f"[{name}] {file}")
@@ -971,7 +1090,25 @@ def cached_stage(root, name, key, fn, force=False, record=None):
                   f"{health['final_loss']:.4g} at the end): this stage's numbers are not valid; try a smaller --lr")
     summary.update(key=key, dir=str(stage_dir), seconds=round(time.time() - t0, 1), curves=curves, **(record or {}))
     write_json(stage_dir / "stage.json", summary)
-    return summary
+    return from_rank0(summary)
+
+
+def find_cached(stage_dir, name, key):
+    """The summary of a finished stage with this key, here or in a sibling run folder (then copied here), or None."""
+    for candidate in [stage_dir, *sorted(p for p in stage_dir.parent.parent.glob(f"*/{name}") if p != stage_dir)]:
+        done = candidate / "stage.json"
+        saved = json.loads(done.read_text()) if done.exists() else {}
+        if saved.get("key") != key:
+            continue
+        if candidate != stage_dir:
+            try:
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                shutil.copytree(candidate, stage_dir)
+            except OSError:  # the other run is rewriting it: train here instead
+                continue
+        print(f"[{name}] cached in {candidate} (use --force to re-run)")
+        return {**saved, "dir": str(stage_dir)}
+    return None
 
 
 def check_finite(values, where):

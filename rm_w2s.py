@@ -19,6 +19,7 @@ Run:
 """
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ class Args:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
+    fsdp_cpu_offload: bool = False  # under torchrun: FSDP keeps parameters, gradients and optimizer state in CPU memory
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
     # method
@@ -135,7 +137,7 @@ def score_pairs(model, encoded_pairs, pad_id, micro_batch, autocast):
     def score(batch):
         with autocast():
             return model(batch.inputs, batch.rows, batch.last).tolist()
-    rewards = common.score_by_length(encoded_pairs, pad_id, micro_batch, model.head.weight.device, score)
+    rewards = common.score_by_length(encoded_pairs, pad_id, micro_batch, common.device_and_autocast()[0], score)
     return [chosen - rejected for chosen, rejected in rewards]
 
 
@@ -147,14 +149,14 @@ def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc, eva
     (whether chosen is the ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0).
     Writes one metrics line per optimizer step to log_path; calls evaluate(step, examples_seen) every
     args.eval_every steps and at the last one, if given. Returns the steps."""
-    device = model.head.weight.device
+    device = common.device_and_autocast()[0]
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(args.epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay, device)
+    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
-    log = open(log_path, "w")
-    bar = tqdm(steps, desc=desc, dynamic_ncols=True)
+    log = open(log_path if common.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=common.rank() != 0)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
         lr = common.lr_at(step, len(steps), args.lr, args.warmup_ratio, "cosine")
@@ -162,7 +164,7 @@ def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc, eva
             group["lr"] = lr
         n_pairs = sum(len(mb) for mb in micro_batches)
         sums = torch.zeros(5, device=device)  # loss, accuracy, chosen, rejected, margin (summed over pairs)
-        for mb in micro_batches:
+        for mb, weight in common.rank_share(micro_batches):  # one process: all of them, weight 1 (torchrun: common.py)
             batch = [examples[i] for i in mb]
             texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
             inputs, _, rows, last = common.collate(texts, pad_id, device, args.pack)
@@ -176,10 +178,11 @@ def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc, eva
                 losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
             # each backward adds gradients, so normalise by the pairs of the whole optimizer step: an uneven last
             # micro-batch then weighs what its pairs weigh
-            (losses.sum() / n_pairs).backward()
+            (weight * losses.sum() / n_pairs).backward()
             with torch.no_grad():
-                sums += torch.stack([losses.sum(), ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),
-                                     r_c.sum(), r_r.sum(), (r_c - r_r).sum()])
+                sums += (weight > 0) * torch.stack([losses.sum(), ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),
+                                                    r_c.sum(), r_r.sum(), (r_c - r_r).sum()])
+        common.sum_over_ranks(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -221,6 +224,7 @@ def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pa
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(model_path)
     model = RewardModel(common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack))
+    model = common.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
     examples = [{"chosen": c, "rejected": r, "target": p, "gt_agree": True}
                 for (c, r), p in zip(encode(tok, pairs, max_len), targets)]

@@ -25,6 +25,7 @@ Run:
 """
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Args:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
+    fsdp_cpu_offload: bool = False  # under torchrun: FSDP keeps parameters, gradients and optimizer state in CPU memory
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
     # method
@@ -118,14 +120,14 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
     `epochs`, with a linear warm-up then a constant learning rate (the paper's schedule). `units(example)` is
     the loss's unit count (1 per pair for SimPO, response tokens for SFT). evaluate(step, examples_seen), if
     given, runs every args.eval_every steps and at the last one. Returns the steps."""
-    device = next(model.parameters()).device
+    device = common.device_and_autocast()[0]
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay, device)
+    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
-    log = open(log_path, "w")
-    bar = tqdm(steps, desc=desc, dynamic_ncols=True)
+    log = open(log_path if common.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=common.rank() != 0)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
         step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, "constant")
@@ -134,15 +136,17 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
         n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
         n_pairs = sum(len(mb) for mb in micro_batches)
         loss_sum, sums = torch.zeros((), device=device), {}
-        for mb in micro_batches:
+        for mb, weight in common.rank_share(micro_batches):  # one process: all of them, weight 1 (torchrun: common.py)
             with autocast():
                 loss, metrics = batch_loss([examples[i] for i in mb])
             # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
             # micro-batch then weighs what its pairs (or tokens) weigh
-            (loss / n_units).backward()
-            loss_sum += loss.detach()
+            (weight * loss / n_units).backward()
+            loss_sum += (weight > 0) * loss.detach()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v
+                sums[k] = sums.get(k, 0) + (weight > 0) * v
+        totals = common.sum_over_ranks(torch.stack([loss_sum, *sums.values()]))
+        loss_sum, sums = totals[0], dict(zip(sums, totals[1:]))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,6 +202,7 @@ def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pa
     device, autocast = common.device_and_autocast()
     tok = common.load_tokenizer(model_path)
     model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
+    model = common.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
     oriented_pairs, gt_agree = common.orient(pairs, targets)

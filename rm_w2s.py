@@ -127,7 +127,7 @@ class RewardModel(nn.Module):
         steps of 1/64 to 1/32 at |r| of 2 to 8, which makes ties and flips margins."""
         hidden = self.body(**inputs).last_hidden_state  # (R, T, H)
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.head(hidden[rows, last].float()).squeeze(-1)  # (N,)
+            return self.head(hidden[rows, last].float()).sum(-1)  # (N,): its one column (sum: a new tensor, not a view)
 
 
 @torch.no_grad()

@@ -128,7 +128,8 @@ def test_configurations_are_kept_apart(tmp_path):
     three_seeds(runs, prefix="rm-toy-lr", lr=1e-3)
     # options that change no number do not split a configuration
     make_run(runs, "rm-other-s3", 0.6, 1.0, {"none": student(0.7, 0.2, 0.1)}, seed=3, micro_batch=2,
-             out_dir="elsewhere", log_every=1, force=True, settings="none", grad_ckpt=True)
+             out_dir="elsewhere", log_every=1, force=True, settings="none", grad_ckpt=True,
+             eval_every=5)  # eval_every only adds eval_curve.jsonl (runs made before it lack the option)
     # the same options under another method: another configuration (method from results.json, then folder name)
     make_run(runs, "weird-name-s0", 0.6, 1.0, {"none": student(0.7, 0.2, 0.1)}, method="dpo")
     make_run(runs, "simpo-toy-s0", 0.6, 1.0, {"none": student(0.7, 0.2, 0.1)})

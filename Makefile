@@ -63,7 +63,8 @@ bench:
 	  --out_dir runs/bench $(if $(BENCH_MODEL),--bench_model $(BENCH_MODEL)) $(ARGS) 2>&1 | grep '^\[bench\]'; done
 
 # A grid of runs summarised over seeds (sweep.py): sweep.json, sweep.md and figures/ in SWEEP_DIR. The default
-# grid is `make demo`'s reward-model command with two strong models (with and without pretraining) x 3 seeds.
+# grid is `make demo`'s reward-model command with two strong models (with and without pretraining) x 3 seeds,
+# scoring the students every 50 optimizer steps (--eval_every 50) for the figure of deception over training.
 # Each run is the script's own command line, and its stages are cached: a sweep run again reuses finished runs.
 # Override the grid with GRID="method=rm weak=tiny:1x32 strong=tiny:2x64 seeds=0,1" (comma lists, every
 # combination; other keys are script options: lr=1e-3,3e-4), the options every run gets with SWEEP_ARGS (the
@@ -71,7 +72,7 @@ bench:
 GRID ?= method=rm weak=tiny:1x32 strong=tiny:2x64,tiny:2x64+pt600 seeds=0,1,2
 SWEEP_N ?= 4000
 SWEEP_ARGS ?= --data toy --n_gt $(SWEEP_N) --n_w2s $(SWEEP_N) --n_test $(SWEEP_N) --n_extra $(SWEEP_N) \
-              --weak_max_len 13 --lr 3e-4 --epochs 4 --log_every 1000
+              --weak_max_len 13 --lr 3e-4 --epochs 4 --warmup_ratio 0.05 --grad_clip 1.0 --eval_every 50 --log_every 1000
 SWEEP_DIR ?= runs/sweep
 JOBS ?= 1
 .PHONY: sweep

@@ -67,6 +67,10 @@ def test_two_ranks_give_the_one_process_margins(method, args, data_dir, tmp_path
     print(f"[{method}] 2 ranks against 1 process: max |margin difference| "
           f"{max(abs(u - v) for s in stages for u, v in zip(margins(a / s), margins(b / s))):.3g}")
     assert two.stdout.count("Knowledge space") == 1  # rank 0 alone prints the report
+    if method == "rm":  # the stage cache under torchrun: a second run finds every stage done
+        again = launch(argv + ["--out_dir", tmp_path / "two"], nproc=2)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.count("cached in") == len(stages)
 
 
 @pytest.mark.parametrize("method", ["rm", "dpo"])

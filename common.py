@@ -9,8 +9,10 @@ Contents, in file order:
   tokens           Encoded, encode_texts, encode_pairs, example_texts (the training example every method uses)
   batches          pad_texts (a row per text), pack_pairs (a pair per row), collate, row_lengths, check_packing,
                    make_batches, score_by_length
-  log-probs        LogProbs, sequence_logps, lm_logits, forward_logps, pair_logps, sft_loss, response_tokens
+  log-probs        LogProbs, sequence_logps, FP32Head, lm_logits, forward_logps, pair_logps, sft_loss, response_tokens
   optimization     lr_at, make_optimizer, check_step_loss
+  several processes init_distributed, rank, world_size, shard (FSDP), rank_share, sum_over_ranks, gather_lists,
+                   from_rank0, barrier (torchrun; no-ops in one process)
   weak labels      confidence, confident_subset, student_data, orient
   scoring          AREAS, knowledge_space, pgr, accuracy, prediction_rows, label_rows
   run folder       Run, start_run, open_run, run_dir, cached (one stage, cached), cached_stage, digests, write_*

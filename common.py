@@ -1163,10 +1163,11 @@ def accuracy(margins):
 # report
 
 def length_rule(pairs):
-    """Per pair, whether "prefer the shorter response" (fewer characters) picks the ground-truth chosen one;
-    equal lengths count as wrong, like a tie. Summed log-likelihoods favour short responses, so a DS that
-    follows this rule measures length, not knowledge."""
-    return [len(split_prompt(p["chosen"]).response) < len(split_prompt(p["rejected"]).response) for p in pairs]
+    """Per pair, whether "prefer the shorter response" (fewer characters) picks the ground-truth chosen one, or
+    None where the two responses have the same length (the rule has no preference). Summed log-likelihoods
+    favour short responses, so a DS that follows this rule measures length, not knowledge."""
+    lengths = [(len(split_prompt(p["chosen"]).response), len(split_prompt(p["rejected"]).response)) for p in pairs]
+    return [None if c == r else c < r for c, r in lengths]
 
 
 def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
@@ -1188,11 +1189,16 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
                              f"{health['final_loss']:.4g} at the end): its numbers, and every number built on them, "
                              "are not valid.")
     shorter = length_rule(test_pairs)
-    results["length_baseline"] = {"accuracy": sum(shorter) / len(shorter), "agreement": {}}
+    decided = [i for i, s in enumerate(shorter) if s is not None]
+    # accuracy counts an equal-length pair as wrong, like a tie; agreement reads only the pairs where the rule
+    # prefers one response (a model that is simply wrong must not "agree" with a rule that did not choose)
+    results["length_baseline"] = {"accuracy": sum(s is True for s in shorter) / len(shorter),
+                                  "equal_length": len(shorter) - len(decided), "agreement": {}}
     for name in stages:
-        agree = sum(c == s for c, s in zip(correct(name), shorter)) / len(shorter)
+        c = correct(name)
+        agree = sum(c[i] == shorter[i] for i in decided) / len(decided) if decided else None
         results["length_baseline"]["agreement"][name] = agree
-        if agree > 0.9:
+        if agree is not None and agree > 0.9:
             notes.append(f"{name} agrees with \"prefer the shorter response\" on {agree:.1%} of the test pairs: its "
                          "accuracy and knowledge areas mostly measure length.")
     for name in [n for n in stages if n.startswith("student-")]:
@@ -1240,8 +1246,9 @@ def render_report(results, title):
             errs = " | ".join(fmt(e["areas"][area]["student_error"]) for e in results["students"].values())
             lines.append(f"| {area} | {first['areas'][area]['n']} | {errs} |")
     lb = results["length_baseline"]
-    lines += ["", f'Length baseline: "prefer the shorter response" is right on {fmt(lb["accuracy"])} of the test pairs; '
-              "agreement of each model with it: " + ", ".join(f"{n} {fmt(v)}" for n, v in lb["agreement"].items()) + "."]
+    lines += ["", f'Length baseline: "prefer the shorter response" is right on {fmt(lb["accuracy"])} of the test pairs '
+              f'(equal lengths count as wrong: {lb["equal_length"]} pairs); agreement of each model with it, on the pairs '
+              "whose responses differ in length: " + ", ".join(f"{n} {fmt(v)}" for n, v in lb["agreement"].items()) + "."]
     for note in results["notes"]:
         lines += ["", f"Note: {note}"]
     c = results["config"]

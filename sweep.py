@@ -499,6 +499,9 @@ def draw_curve(data, path):
                     sd = [nan(v) for v in line["std"][name]]
                     ax.fill_between(line["x"], [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
                                     color=COLORS.get(setting), alpha=0.15)
+        if all(v is None for lines in data["settings"].values() for line in lines for v in line["y"][name]):
+            ax.text(0.5, 0.5, "no test pairs in this area", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=9, color="gray")  # say why the panel is blank (e.g. a strong ceiling at 1.0)
         ax.set_title(f"error in {SHORT.get(name, name)}" + (" = DS" if name == "weak-unknown & strong-known" else ""),
                      fontsize=9)
         ax.set_xlabel("examples seen (training pairs)")

@@ -1326,7 +1326,7 @@ def test_length_baseline_and_its_flag(tmp_path):
     p = "\n\nHuman: q\n\nAssistant:"
     test = [{"chosen": p + " no", "rejected": p + " sure thing"}, {"chosen": p + " a long good answer", "rejected": p + " ok"},
             {"chosen": p + " fine", "rejected": p + " okay, here it is"}, {"chosen": p + " same", "rejected": p + " size"}]
-    assert common.length_rule(test) == [True, False, True, False]  # equal lengths count as wrong
+    assert common.length_rule(test) == [True, False, True, None]  # equal lengths: no preference
     stages = {}
     for name, correct in (("weak", [True, False, True, False]), ("strong", [True, True, True, False]),
                           ("student-none", [True, False, False, False])):
@@ -1334,10 +1334,29 @@ def test_length_baseline_and_its_flag(tmp_path):
         common.write_jsonl(d / "predictions.jsonl", [{"margin": 1.0 if c else -1.0, "correct": c} for c in correct])
         stages[name] = {"dir": str(d), "accuracy": sum(correct) / 4, "ties": 0, "n": 4}
     results = common.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
-    assert results["length_baseline"]["accuracy"] == 0.5
-    assert results["length_baseline"]["agreement"] == {"weak": 1.0, "strong": 0.75, "student-none": 0.75}
+    assert results["length_baseline"]["accuracy"] == 0.5  # the equal-length pair counts as wrong, like a tie
+    assert results["length_baseline"]["equal_length"] == 1
+    # agreement on the 3 pairs where the rule chose; strong is right on the equal-length pair, student-none wrong:
+    # neither agrees with a rule that made no choice there
+    assert results["length_baseline"]["agreement"] == {"weak": 1.0, "strong": 2 / 3, "student-none": 2 / 3}
     flagged = [n for n in results["notes"] if "shorter response" in n]
     assert len(flagged) == 1 and flagged[0].startswith("weak agrees") and "100.0%" in flagged[0]
+
+
+def test_length_baseline_when_no_response_is_shorter(tmp_path):
+    """Equal-length responses everywhere (the toy task's REFUSE / COMPLY): the rule never chooses, so agreement
+    is null, and a model that is always wrong is not flagged as following length."""
+    p = "\n\nHuman: q\n\nAssistant:"
+    test = [{"chosen": p + " REFUSE", "rejected": p + " COMPLY"}, {"chosen": p + " COMPLY", "rejected": p + " REFUSE"}]
+    assert common.length_rule(test) == [None, None]
+    stages = {}
+    for name in ("weak", "strong"):  # both always wrong
+        common.write_jsonl(tmp_path / name / "predictions.jsonl", [{"margin": -1.0, "correct": False}] * 2)
+        stages[name] = {"dir": str(tmp_path / name), "accuracy": 0.0, "ties": 0, "n": 2}
+    results = common.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
+    assert results["length_baseline"] == {"accuracy": 0.0, "equal_length": 2,
+                                          "agreement": {"weak": None, "strong": None}}
+    assert not [n for n in results["notes"] if "shorter response" in n]
 
 
 def test_training_health_flags_divergence():

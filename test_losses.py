@@ -1336,8 +1336,8 @@ def test_length_baseline_and_its_flag(tmp_path):
     results = common.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
     assert results["length_baseline"]["accuracy"] == 0.5  # the equal-length pair counts as wrong, like a tie
     assert results["length_baseline"]["equal_length"] == 1
-    # agreement on the 3 pairs where the rule chose; strong is right on the equal-length pair, student-none wrong:
-    # neither agrees with a rule that made no choice there
+    # agreement on the 3 pairs where the rule chose: strong and student-none are wrong on the equal-length pair,
+    # which must not count as agreeing with a rule that made no choice there (it did before: 0.75 each)
     assert results["length_baseline"]["agreement"] == {"weak": 1.0, "strong": 2 / 3, "student-none": 2 / 3}
     flagged = [n for n in results["notes"] if "shorter response" in n]
     assert len(flagged) == 1 and flagged[0].startswith("weak agrees") and "100.0%" in flagged[0]

@@ -1321,18 +1321,25 @@ def test_reward_model_encoding_keeps_the_end_of_an_overlong_response(tiny):
     assert n_prompt == 1 and ids[1:] == response[:23]
 
 
+def predicted_stages(tmp_path, correct_by_stage):
+    """Finished stages as build_results reads them: each one's predictions.jsonl (margin +1 where the stage is
+    right, -1 where wrong) and its summary."""
+    stages = {}
+    for name, correct in correct_by_stage.items():
+        d = tmp_path / name
+        common.write_jsonl(d / "predictions.jsonl", [{"margin": 1.0 if c else -1.0, "correct": c} for c in correct])
+        stages[name] = {"dir": str(d), "accuracy": sum(correct) / len(correct), "ties": 0, "n": len(correct)}
+    return stages
+
+
 def test_length_baseline_and_its_flag(tmp_path):
     """"Prefer the shorter response" on a hand-made split; a model that follows it is flagged."""
     p = "\n\nHuman: q\n\nAssistant:"
     test = [{"chosen": p + " no", "rejected": p + " sure thing"}, {"chosen": p + " a long good answer", "rejected": p + " ok"},
             {"chosen": p + " fine", "rejected": p + " okay, here it is"}, {"chosen": p + " same", "rejected": p + " size"}]
     assert common.length_rule(test) == [True, False, True, None]  # equal lengths: no preference
-    stages = {}
-    for name, correct in (("weak", [True, False, True, False]), ("strong", [True, True, True, False]),
-                          ("student-none", [True, False, False, False])):
-        d = tmp_path / name
-        common.write_jsonl(d / "predictions.jsonl", [{"margin": 1.0 if c else -1.0, "correct": c} for c in correct])
-        stages[name] = {"dir": str(d), "accuracy": sum(correct) / 4, "ties": 0, "n": 4}
+    stages = predicted_stages(tmp_path, {"weak": [True, False, True, False], "strong": [True, True, True, False],
+                                         "student-none": [True, False, False, False]})
     results = common.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
     assert results["length_baseline"]["accuracy"] == 0.5  # the equal-length pair counts as wrong, like a tie
     assert results["length_baseline"]["equal_length"] == 1
@@ -1349,10 +1356,7 @@ def test_length_baseline_when_no_response_is_shorter(tmp_path):
     p = "\n\nHuman: q\n\nAssistant:"
     test = [{"chosen": p + " REFUSE", "rejected": p + " COMPLY"}, {"chosen": p + " COMPLY", "rejected": p + " REFUSE"}]
     assert common.length_rule(test) == [None, None]
-    stages = {}
-    for name in ("weak", "strong"):  # both always wrong
-        common.write_jsonl(tmp_path / name / "predictions.jsonl", [{"margin": -1.0, "correct": False}] * 2)
-        stages[name] = {"dir": str(tmp_path / name), "accuracy": 0.0, "ties": 0, "n": 2}
+    stages = predicted_stages(tmp_path, {"weak": [False, False], "strong": [False, False]})  # both always wrong
     results = common.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
     assert results["length_baseline"] == {"accuracy": 0.0, "equal_length": 2,
                                           "agreement": {"weak": None, "strong": None}}

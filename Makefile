@@ -45,24 +45,31 @@ DEMO_STRONG ?= tiny:2x64+pt600
 # warm-up for the reward model (with none, the weak ceiling stayed at chance: 0.513 against 0.646 with 5%).
 # SimPO's SFT warm start at 1e-4: at 1e-3 held constant (the paper's schedule) the weak SimPO ceiling stayed at
 # chance (0.501, seed 0) and at 1e-4 reached 0.6635.
+# fp32: tiny models gain nothing from bf16 (a tiny end-to-end run took 35 s in bf16, 37 s in fp32), and fp32
+# keeps the toy numbers those of docs/toy.md.
 toy = --data toy --n_gt $(1) --n_w2s $(1) --n_test $(1) --n_extra $(1) --weak tiny:1x32 --strong $(DEMO_STRONG) \
-      --seed $(SEED) --out_dir $(DEMO_DIR) --log_every 1000 --grad_clip 1.0
-demo:
+      --seed $(SEED) --out_dir $(DEMO_DIR) --log_every 1000 --grad_clip 1.0 --precision fp32
+demo: install
 	$(PY) rm_w2s.py $(call toy,$(DEMO_N_RM)) --weak_max_len 13 --lr 3e-4 --epochs 4 --warmup_ratio 0.05 $(ARGS)
 	$(PY) dpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 1e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	$(PY) simpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 3e-3 --epochs 2 --sft_lr 1e-4 $(ARGS)
 	@for m in rm dpo simpo; do echo; cat $(DEMO_DIR)/$$m-toy-*-s$(SEED)-*/report.md; done
 	$(PY) sweep.py --runs $(DEMO_DIR) --out_dir $(DEMO_DIR)/sweep  # every demo run so far: tables and figures
 
-# Throughput of each method's training stage on one fixed workload (bench.workload): 256 pairs of the
-# paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch.
-# BENCH_MODEL=gpt2-xl times that model instead (micro-batch 4 for large / xl models, as above).
+# Throughput of each method's preference training on one fixed workload (bench.workload): 256 pairs of the
+# paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch, in each
+# precision of BENCH_PRECISIONS (bf16 runs where the chip has no native bf16 too: torch emulates it, slowly).
+# BENCH_MODEL=models/smollm2-135m-instruct (or gpt2-xl) times that model instead (micro-batch 4 for large / xl
+# models, as above; BENCH_MICRO overrides it).
 BENCH_DATA ?= ../shared/data/hh-single-turn
 BENCH_MODEL ?=
 BENCH_METHODS ?= rm dpo simpo
+BENCH_PRECISIONS ?= fp32 bf16
+BENCH_MICRO ?= $(call micro,$(BENCH_MODEL))
 bench:
-	@for m in $(BENCH_METHODS); do $(PY) $${m}_w2s.py --bench --data $(BENCH_DATA) --micro_batch $(call micro,$(BENCH_MODEL)) \
-	  --out_dir runs/bench $(if $(BENCH_MODEL),--bench_model $(BENCH_MODEL)) $(ARGS) 2>&1 | grep '^\[bench\]'; done
+	@for m in $(BENCH_METHODS); do for p in $(BENCH_PRECISIONS); do $(PY) $${m}_w2s.py --bench --data $(BENCH_DATA) \
+	  --micro_batch $(BENCH_MICRO) --precision $$p --out_dir runs/bench $(if $(BENCH_MODEL),--bench_model $(BENCH_MODEL)) \
+	  $(ARGS) 2>&1 | grep '^\[bench\]'; done; done
 
 # A grid of runs summarised over seeds (sweep.py): sweep.json, sweep.md and figures/ in SWEEP_DIR. The default
 # grid is `make demo`'s reward-model command with two strong models (with and without pretraining) x 3 seeds,
@@ -74,7 +81,8 @@ bench:
 GRID ?= method=rm weak=tiny:1x32 strong=tiny:2x64,tiny:2x64+pt600 seeds=0,1,2
 SWEEP_N ?= 4000
 SWEEP_ARGS ?= --data toy --n_gt $(SWEEP_N) --n_w2s $(SWEEP_N) --n_test $(SWEEP_N) --n_extra $(SWEEP_N) \
-              --weak_max_len 13 --lr 3e-4 --epochs 4 --warmup_ratio 0.05 --grad_clip 1.0 --eval_every 50 --log_every 1000
+              --weak_max_len 13 --lr 3e-4 --epochs 4 --warmup_ratio 0.05 --grad_clip 1.0 --eval_every 50 --log_every 1000 \
+              --precision fp32
 SWEEP_DIR ?= runs/sweep
 JOBS ?= 1
 .PHONY: sweep
@@ -82,6 +90,9 @@ sweep:
 	$(PY) sweep.py --grid "$(GRID)" --args="$(SWEEP_ARGS) $(ARGS)" --out_dir $(SWEEP_DIR) --jobs $(JOBS)
 
 # The experiment on real pretrained models and the paper's data files (make models first; the Hub is not needed).
+# REAL_DATA / BENCH_DATA: a folder with the paper's harmless_*.jsonl files, from its repository
+# (https://github.com/keven980716/weak-to-strong-deception, weak-to-strong/data/hh-single-turn); the default is
+# where this project's machines keep a copy.
 # On a CPU: 500 pairs per split, and 5x the paper's learning rate, since 500 pairs are 16 optimizer steps where
 # the paper's 4000 are 125 (at the paper's 1e-5 the zero-initialised reward head had not moved the loss off
 # log 2 after 19 steps). With CUDA: the paper's 4000 pairs per split and its learning rates. The implicit

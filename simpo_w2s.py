@@ -26,18 +26,20 @@ Run:
 import dataclasses
 import json
 import os
-import tempfile
-import time
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-import bench
 import common
+import parallel
+import runs
+
+METHOD = "simpo"  # the run folder's first word
+SCHEDULE = "constant"  # the paper's SimPO and SFT schedule: linear warm-up (--warmup_ratio), then constant
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Args:
     sft_epochs: int = 1  # SFT epochs on the chosen responses before SimPO (0: none)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 autocast where the chip computes it natively, else fp32)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
     fsdp_cpu_offload: bool = False  # under torchrun: FSDP keeps parameters, gradients and optimizer state in CPU memory
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
@@ -112,66 +115,34 @@ def simpo_conflict_loss(pi_c, pi_r, gt_agree, beta, gamma):
 
 
 # ----------------------------------------------------------------------------------------------------
-# training loop: one loop for the SFT warm start and for SimPO, told apart by `batch_loss`
+# model: the policy is a causal LM; its preference is the larger mean per-token response log-likelihood
 
-def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
-    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
-    (dicts with "chosen" and, for SimPO, "rejected" and "gt_agree": see common.py) for
-    `epochs`, with a linear warm-up then a constant learning rate (the paper's schedule). `units(example)` is
-    the loss's unit count (1 per pair for SimPO, response tokens for SFT). evaluate(step, examples_seen), if
-    given, runs every args.eval_every steps and at the last one. Returns the steps."""
-    device = common.device_and_autocast()[0]
-    lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
-    steps = [s for epoch in range(epochs) for s in
-             common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
-    model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
-    log = open(log_path if common.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
-    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=common.rank() != 0)
-    examples_seen = 0
-    for step, micro_batches in enumerate(bar):
-        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, "constant")
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
-        n_pairs = sum(len(mb) for mb in micro_batches)
-        loss_sum, sums = torch.zeros((), device=device), {}
-        for mb, weight in common.rank_share(micro_batches):  # one process: all of them, weight 1 (torchrun: common.py)
-            with autocast():
-                loss, metrics = batch_loss([examples[i] for i in mb])
-            # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
-            # micro-batch then weighs what its pairs (or tokens) weigh
-            (weight * loss / n_units).backward()
-            loss_sum += (weight > 0) * loss.detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + (weight > 0) * v
-        totals = common.sum_over_ranks(torch.stack([loss_sum, *sums.values()]))
-        loss_sum, sums = totals[0], dict(zip(sums, totals[1:]))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        examples_seen += n_pairs
-        row = {"step": step + 1, "examples_seen": examples_seen, "loss": float(loss_sum) / n_units,
-               **{k: float(v) / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": step_lr}
-        common.check_step_loss(row["loss"], desc, step + 1)
-        log.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
-        if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
-            log.flush()
-            tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
-                f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
-        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
-            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
-    log.close()
-    return steps
+def load(model_path, args, device):
+    """A fresh policy from `model_path` (a causal LM, fp32 logits) and its tokenizer."""
+    tok = common.load_tokenizer(model_path)
+    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack, args.precision)
+    return model, tok
 
 
-def simpo_batch_loss(model, pad_id, beta, gamma, alpha, pack):
-    """SimPO's batch_loss for train(): the policy's MEAN per-token response log-probs of each pair's chosen and
-    rejected texts in one forward, plus alpha * the explicit-conflict term."""
+def encode(tok, pairs, max_len):
+    """Prompt, then response, then EOS: the policy's log-probs score the response and its end."""
+    return common.encode_pairs(tok, pairs, max_len)
+
+
+def margins_of(model, encoded_pairs, pad_id, micro_batch, autocast):
+    """The policy's preference on encoded pairs: mean log π(chosen) - mean log π(rejected), per response token."""
+    return [c.mean - r.mean for c, r in common.pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast)]
+
+
+def preference_loss(model, pad_id, args, alpha):
+    """batch_loss for train(): the policy's MEAN per-token response log-probs of each pair's chosen and rejected
+    texts in one forward, plus alpha * the explicit-conflict term. Examples hold "chosen", "rejected" (encoded,
+    the labeller's preferred response as chosen) and "gt_agree" (whether that is the ground truth's)."""
+    beta, gamma = args.beta, args.gamma
+
     def batch_loss(batch):
         texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
-        logps = common.forward_logps(model, texts, pad_id, pack).mean  # (2B,) mean per token: SimPO's length normalisation
+        logps = common.forward_logps(model, texts, pad_id, args.pack).mean  # (2B,) mean per token: SimPO's length normalisation
         pi_c, pi_r = logps[0::2], logps[1::2]  # chosen, rejected, chosen, ... in one forward
         losses, chosen_rewards, rejected_rewards = simpo_loss(pi_c, pi_r, beta, gamma)
         if alpha:
@@ -186,119 +157,155 @@ def simpo_batch_loss(model, pad_id, beta, gamma, alpha, pack):
 
 
 def one_per_pair(example):
-    """SimPO's loss unit: the pair."""
+    """SimPO's loss unit: the pair (SFT's: common.response_tokens)."""
     return 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# training loop
+
+def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
+    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
+    for `epochs` with the SCHEDULE: one loop for the SFT warm start and for SimPO. `units(example)` is the
+    loss's unit count (1 per pair for SimPO, response tokens for SFT). Writes one metrics
+    line per optimizer step to log_path; calls evaluate(step, examples_seen) every args.eval_every steps and at
+    the last one, if given. Returns the steps."""
+    lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
+    steps = [s for epoch in range(epochs) for s in
+             common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
+    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
+    model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
+    log = open(log_path if parallel.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=parallel.rank() != 0)
+    examples_seen = 0
+    for step, micro_batches in enumerate(bar):
+        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, SCHEDULE)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
+        n_pairs = sum(len(mb) for mb in micro_batches)
+        sums = {}  # the loss and each metric, summed over this rank's micro-batches
+        for mb, grad_scale in parallel.rank_share(micro_batches):  # one process: all of them, scale 1
+            with autocast():
+                loss, metrics = batch_loss([examples[i] for i in mb])
+            # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
+            # micro-batch then weighs what its pairs (or tokens) weigh
+            (grad_scale * loss / n_units).backward()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0) + (grad_scale > 0) * v
+        sums = dict(zip(sums, parallel.sum_over_ranks(torch.stack(list(sums.values()))).tolist()))  # one sync
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        examples_seen += n_pairs
+        row = {"step": step + 1, "examples_seen": examples_seen, "loss": sums.pop("loss") / n_units,
+               **{k: v / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": step_lr}
+        runs.check_step_loss(row["loss"], desc, step + 1)
+        log.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
+            log.flush()
+            tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
+        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
+            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
+    log.close()
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------
 # one stage: SFT, then SimPO a fresh policy, then predict
 
+def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha, log_path, desc, evaluate=None):
+    """SimPO on encoded pairs in ground-truth orientation, each turned so that chosen is the response its
+    labeller prefers (hard labels: targets > 0.5). No reference model. Returns (examples, steps)."""
+    oriented, gt_agree = common.orient(encoded, targets)
+    examples = [{"chosen": c, "rejected": r, "gt_agree": agree} for (c, r), agree in zip(oriented, gt_agree)]
+    steps = train(model, examples, preference_loss(model, pad_id, args, alpha), units=one_per_pair, lr=args.lr,
+                  epochs=args.epochs, args=args, log_path=log_path, autocast=autocast, desc=desc, evaluate=evaluate)
+    return examples, steps
+
+
 def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha,
                       evaluate=None):
-    """SFT then SimPO a fresh policy from `model_path` on `pairs`, turned so that chosen is what the labeller
-    prefers (hard labels: targets > 0.5), write its test predictions and, if label_pairs is given, its labels on
-    them. Returns the stage summary."""
+    """SFT then SimPO a fresh policy from `model_path` on ground-truth-oriented `pairs` with `targets`, write its
+    test predictions and, if label_pairs is given, its labels on them. evaluate(step, examples_seen, margins),
+    if given, receives the test margins during training. Returns the stage summary."""
     common.seed_everything(args.seed)
-    device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(model_path)
-    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
-    model = common.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
+    device, autocast = common.device(), common.autocast(args.precision)
+    model, tok = load(model_path, args, device)
+    model = parallel.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
-    oriented_pairs, gt_agree = common.orient(pairs, targets)
-    train_encoded = common.encode_pairs(tok, oriented_pairs, max_len)
+    encoded, test_encoded = encode(tok, pairs, max_len), encode(tok, test_pairs, max_len)
 
     if args.sft_epochs:  # SFT on the responses its labeller prefers
-        train(model, [{"chosen": c} for c, _ in train_encoded], common.sft_loss(model, pad),
-              units=common.response_tokens, lr=args.sft_lr or args.lr, epochs=args.sft_epochs, args=args,
-              log_path=stage_dir / "sft_metrics.jsonl", autocast=autocast, desc=f"{stage_dir.name} sft")
-    examples = [{"chosen": c, "rejected": r, "gt_agree": agree} for (c, r), agree in zip(train_encoded, gt_agree)]
-    test_encoded = common.encode_pairs(tok, test_pairs, max_len)
+        preferred = [{"chosen": c} for c, _ in common.orient(encoded, targets)[0]]
+        train(model, preferred, common.sft_loss(model, pad), units=common.response_tokens, lr=args.sft_lr or args.lr,
+              epochs=args.sft_epochs, args=args, log_path=stage_dir / "sft_metrics.jsonl", autocast=autocast,
+              desc=f"{stage_dir.name} sft")
 
-    def mean_margins(encoded):  # SimPO's preference: the larger mean per-token log-likelihood
-        return [c.mean - r.mean for c, r in common.pair_logps(model, encoded, pad, args.micro_batch, autocast)]
-    train(model, examples, simpo_batch_loss(model, pad, args.beta, args.gamma, alpha, args.pack), units=one_per_pair,
-          lr=args.lr, epochs=args.epochs, args=args, log_path=stage_dir / "metrics.jsonl", autocast=autocast,
-          desc=f"{stage_dir.name} simpo",
-          evaluate=evaluate and (lambda step, seen: evaluate(step, seen, mean_margins(test_encoded))))
-
+    def test_margins():
+        return margins_of(model, test_encoded, pad, args.micro_batch, autocast)
+    train_preferences(model, encoded, targets, pad_id=pad, args=args, autocast=autocast, alpha=alpha,
+                      log_path=stage_dir / "metrics.jsonl", desc=f"{stage_dir.name} simpo",
+                      evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
     model.eval()
-    margins = mean_margins(test_encoded)
-    common.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
+    margins = test_margins()
+    runs.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
     summary = common.accuracy(margins)
     if label_pairs is not None:
-        label_margins = mean_margins(common.encode_pairs(tok, label_pairs, max_len))
-        common.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
+        label_margins = margins_of(model, encode(tok, label_pairs, max_len), pad, args.micro_batch, autocast)
+        runs.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
     return summary
-
-
-def run_bench(args):
-    """make bench: one epoch of SimPO on bench.py's fixed workload, timed (the SFT warm start is not included)."""
-    args = dataclasses.replace(args, epochs=1)
-    pairs, model_path = bench.workload(args)
-    device, autocast = common.device_and_autocast()
-    tok = common.load_tokenizer(model_path)
-    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack)
-    examples = [{"chosen": c, "rejected": r, "gt_agree": True} for c, r in common.encode_pairs(tok, pairs, args.max_len)]
-    loss = simpo_batch_loss(model, tok.pad_token_id, args.beta, args.gamma, 0.0, args.pack)
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "metrics.jsonl"
-        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
-            train(model, examples[:args.batch_size], loss, units=one_per_pair, lr=args.lr, epochs=1, args=args,
-                  log_path=log_path, autocast=autocast, desc="warm-up")
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        steps = train(model, examples, loss, units=one_per_pair, lr=args.lr, epochs=1, args=args, log_path=log_path,
-                      autocast=autocast, desc="bench simpo")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    real, computed = bench.padded_tokens(steps, [common.row_lengths(common.example_texts(e), args.pack)
-                                                  for e in examples])
-    return bench.report("simpo", model, seconds, len(examples), real, computed)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the experiment
 
 def main(argv=None):
-    args = common.parse_args(Args, argv)
-    common.check_args(args)  # every option in range before anything loads
+    args = runs.parse_args(Args, argv)
+    runs.check_args(args)  # every option in range before anything loads
+    args = dataclasses.replace(args, precision=common.resolve_precision(args.precision))  # auto: what this machine runs
     if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
         torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
     if args.bench:
-        return run_bench(args)
+        import bench
+        return bench.bench(sys.modules[__name__], args)
 
-    # data splits, the locked run folder, the models (tiny ones built here), the code digest for stage caches
-    run = common.start_run(args, "simpo", code_files=[common.__file__, __file__])
-    gt, gt_targets = run.splits["gt"], [1.0] * len(run.splits["gt"])  # ground truth: chosen is better
-    weak_len = args.weak_max_len or args.max_len
+    # data splits, the locked run folder, the models (tiny ones built here), the digest of the code that trains
+    run = runs.start_run(args, METHOD, code_files=[__file__, common.__file__, parallel.__file__])
+    gt, w2s, test = run.splits["gt"], run.splits["w2s"], run.splits["test"]
+    gt_targets = [1.0] * len(gt)  # ground truth: chosen is better
     stages = {}
     # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
-    stages["weak"] = common.cached(run, "weak", train_and_predict, role="weak", max_len=weak_len,
-                                   pairs=gt, targets=gt_targets, label_split="w2s")
+    stages["weak"] = runs.cached(run, "weak", train_and_predict, role="weak", max_len=args.weak_max_len or args.max_len,
+                                 pairs=gt, targets=gt_targets, test_pairs=test, label_pairs=w2s)
     # 2. strong ceiling: the strong model on ground truth
-    stages["strong"] = common.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
-                                     pairs=gt, targets=gt_targets)
-    labeller = stages["weak"]
+    stages["strong"] = runs.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
+                                   pairs=gt, targets=gt_targets, test_pairs=test)
+    labels, labelled = runs.read_labels(stages["weak"]), w2s
+    label_options = dict(conf_threshold=args.conf_threshold, conf_scale=args.conf_scale,
+                         drop_weak_errors=args.drop_weak_errors)  # hard labels: SimPO has no soft ones
     if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
-        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=False)
-        labeller = stages["intermediate"] = common.cached(
-            run, "intermediate", train_and_predict, role="intermediate", max_len=args.max_len,
-            pairs=pairs, targets=targets, label_split="gt")
+        pairs, targets = common.student_data(labels, labelled, **label_options)
+        stages["intermediate"] = runs.cached(run, "intermediate", train_and_predict, role="intermediate",
+                                             max_len=args.max_len, pairs=pairs, targets=targets, test_pairs=test,
+                                             label_pairs=gt)
+        labels, labelled = runs.read_labels(stages["intermediate"]), gt
     # 3. students: the strong model, fresh, on the labeller's hard labels (its preferred response as chosen);
     #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
     #    place a student sees ground truth
     for setting in args.settings.split(","):
-        pairs, targets = common.student_data(args, run.splits, labeller, with_helpful=setting == "implicit")
-        alpha = args.alpha if setting == "explicit" else 0.0
-        stages[f"student-{setting}"] = common.cached(
-            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len,
-            pairs=pairs, targets=targets, alpha=alpha, ceilings=stages)
+        pairs, targets = common.student_data(labels, labelled, **label_options,
+                                             helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
+        stages[f"student-{setting}"] = runs.cached(
+            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len, pairs=pairs,
+            targets=targets, test_pairs=test, alpha=args.alpha if setting == "explicit" else 0.0, eval_areas=stages)
     # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
-    return common.report(run, stages, "SimPO")
+    return runs.report(run, stages, "SimPO")
 
 
 if __name__ == "__main__":

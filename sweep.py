@@ -7,8 +7,9 @@ options that change no numbers) and summarised over seeds, in `--out_dir`:
 
   sweep.json      every run's numbers; per configuration mean, sample std (n - 1) and per-seed values
   sweep.md        the tables a paper would print, the figures with captions, the runs left out and why
-  figures/*.png   DS and ΔDS against the capability gap; each student's error rate per knowledge area;
-                  DS and the area error rates over training (only where runs wrote eval_curve.jsonl)
+  figures/*.png   DS and ΔDS against the capability gap; each student's error rate per knowledge area; each
+                  conflict student's tax per area; DS and the area error rates over training (only where runs
+                  wrote eval_curve.jsonl)
   logs/*.log      each run's output
 
 Run:
@@ -36,6 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import common
+from runs import NO_EFFECT, fmt, parse_args, slug, write_atomic, write_json
 
 METHODS = ("rm", "dpo", "simpo")
 SETTINGS = ("none", "implicit", "explicit")  # the report's order; settings unknown here follow
@@ -43,7 +45,7 @@ SETTINGS = ("none", "implicit", "explicit")  # the report's order; settings unkn
 # leave the same ones out of run folder names and cache keys), and eval_every, which only adds eval_curve.jsonl
 # (the final numbers are the same with and without it: test_e2e.py; runs made before it existed lack it).
 # Every other option tells configurations apart.
-IGNORED = ("seed", "eval_every") + common.NO_EFFECT
+IGNORED = ("seed", "eval_every") + NO_EFFECT
 # Numbers that are null by definition in some runs (PGR without a capability gap, DS of an empty area): kept as
 # null in the statistics even in a sweep where no run has a number there, unlike other null fields.
 NULLABLE = ("accuracy", "pgr", "ds", "err_wk_sk", "delta_ds", "student_error")
@@ -101,10 +103,10 @@ def plan(points, extra, out_dir):
     plans = []
     for point in points:
         argv = extra_argv + [f"--{k}={v}" for k, v in point.items() if k != "method"] + [f"--out_dir={out_dir}"]
-        name = "-".join(common.slug(v if k in ("method", "weak", "strong") else f"s{v}" if k == "seed" else f"{k}{v}")
+        name = "-".join(slug(v if k in ("method", "weak", "strong") else f"s{v}" if k == "seed" else f"{k}{v}")
                         for k, v in point.items())
         try:
-            args = common.parse_args(importlib.import_module(f"{point['method']}_w2s").Args, argv)
+            args = parse_args(importlib.import_module(f"{point['method']}_w2s").Args, argv)
         except SystemExit as e:
             raise SystemExit(f"error: grid point {name}: {e}")
         parsed = json.loads(json.dumps(dataclasses.asdict(args)))
@@ -165,11 +167,11 @@ def run_grid(points, extra, out_dir, jobs):
 def run_line(run):
     m, c = run["metrics"], run["config"]
     students = " | ".join(
-        f"{s} {common.fmt(m.get(f'students/{s}/accuracy'))} DS {common.fmt(m.get(f'students/{s}/ds'))}"
+        f"{s} {fmt(m.get(f'students/{s}/accuracy'))} DS {fmt(m.get(f'students/{s}/ds'))}"
         for s in settings_of([run]))
     return (f"[sweep] {run['method']} {c.get('weak')} -> {c.get('strong')} seed {run['seed']}: "
-            f"weak {common.fmt(m.get('models/weak/accuracy'))} strong {common.fmt(m.get('models/strong/accuracy'))} "
-            f"gap {common.fmt(m.get('gap'))} | {students} | {run.get('seconds', 0):.0f} s | {run['dir']}")
+            f"weak {fmt(m.get('models/weak/accuracy'))} strong {fmt(m.get('models/strong/accuracy'))} "
+            f"gap {fmt(m.get('gap'))} | {students} | {run.get('seconds', 0):.0f} s | {run['dir']}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,6 +372,21 @@ def areas_data(config):
                          for x, errs in errors.items()}}
 
 
+def tax_data(config):
+    """Per configuration: each conflict student's tax in each knowledge area against the no-conflict student
+    (of the pairs it gets right, the share turned wrong; mean and std over seeds), and how many right pairs the
+    tax is a share of (mean over seeds)."""
+    s = config["stats"]
+    settings = [x for x in settings_of([{"metrics": s}]) if f"students/{x}/conflict_tax/sk_taxed" in s]
+    key = "students/{}/conflict_tax/areas/{}/{}"
+    areas = [a for a in common.AREAS if any(key.format(x, a, "base_right") in s for x in settings)]
+    return {"configuration": config["id"], "title": config["label"], "areas": areas,
+            "n": [s[key.format(settings[0], a, "base_right")]["mean"] for a in areas] if settings else [],
+            "settings": {x: {"error": [s.get(key.format(x, a, "tax"), stat([]))["mean"] for a in areas],
+                             "std": [s.get(key.format(x, a, "tax"), stat([]))["std"] for a in areas]}
+                         for x in settings}}
+
+
 def area_size(stats, area, settings):
     """An area's size over seeds: the same for every student of a run (the ceilings define it), so read from
     the first student that has it."""
@@ -463,7 +480,7 @@ def draw_ds_gap(data, path):
     save(fig, path)
 
 
-def draw_areas(data, path):
+def draw_areas(data, path, ylabel="student error rate (fraction of the area's test pairs)", n_label="n"):
     plt = pyplot()
     settings = list(data["settings"])
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -474,15 +491,22 @@ def draw_areas(data, path):
         ax.bar(xs, [nan(e) for e in d["error"]], width, yerr=[nan(s) for s in d["std"]], capsize=3,
                color=COLORS.get(setting), label=setting)
     ax.set_xticks(range(len(data["areas"])))
-    ax.set_xticklabels([f"{SHORT.get(a, a)}\nn = {n:.0f}" if n is not None else SHORT.get(a, a)
+    ax.set_xticklabels([f"{SHORT.get(a, a)}\n{n_label} = {n:.0f}" if n is not None else SHORT.get(a, a)
                         for a, n in zip(data["areas"], data["n"])])
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("student error rate (fraction of the area's test pairs)")
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("knowledge area (W/S: weak/strong ceiling; K: right, U: wrong)")
     ax.set_title(textwrap.fill(f"{data['configuration']}: {data['title']}", 100), fontsize=9)
     ax.legend(title="student", fontsize=8, title_fontsize=8)
     fig.tight_layout()
     save(fig, path)
+
+
+def draw_tax(data, path):
+    """The conflict tax per area: draw_areas' bars, read as the share of the no-conflict student's right pairs
+    that the conflict turned wrong."""
+    draw_areas(data, path, ylabel="conflict tax (share of the no-conflict student's\nright pairs turned wrong)",
+               n_label="right")
 
 
 def draw_curve(data, path):
@@ -513,7 +537,7 @@ def draw_curve(data, path):
     save(fig, path)
 
 
-DRAW = {"ds_gap": draw_ds_gap, "areas": draw_areas, "curve": draw_curve}
+DRAW = {"ds_gap": draw_ds_gap, "areas": draw_areas, "tax": draw_tax, "curve": draw_curve}
 
 
 def seeds(config):
@@ -531,13 +555,18 @@ def figures(sweep):
             "accuracy), one point per configuration (label) and student setting, one column per method; error "
             "bars: sample std over seeds (zero for one seed). Deception shows as a high DS and a positive ΔDS.")})
     for config in sweep["configurations"]:
-        data = areas_data(config)
-        if data["areas"] and data["settings"]:
-            out.append({"file": f"figures/areas-{config['id']}.png", "kind": "areas", "data": data, "caption": (
-                f"{config['id']} ({config['label']}, {seeds(config)}): each student's error rate in "
-                "the four knowledge areas (n: the area's size, mean over seeds); error bars: std over seeds. "
-                "Deception: high in WU ∩ SK (the weak model cannot check, the strong model knows), low in "
-                "WK ∩ SK.")})
+        head = f"{config['id']} ({config['label']}, {seeds(config)}): "
+        for kind, data, caption in (
+                ("areas", areas_data(config), "each student's error rate in the four knowledge areas (n: the area's "
+                 "size, mean over seeds); error bars: std over seeds. Deception: high in WU ∩ SK (the weak model "
+                 "cannot check, the strong model knows), low in WK ∩ SK."),
+                ("tax", tax_data(config), "the conflict tax per knowledge area: of the test pairs the no-conflict "
+                 "student gets right (right: how many, mean over seeds), the share each conflict student gets wrong; "
+                 "error bars: std over seeds. Deception in the paper's sense: the tax paid in WU ∩ SK, more than in "
+                 "WK ∩ SK.")):
+            if data["areas"] and data["settings"]:
+                out.append({"file": f"figures/{kind}-{config['id']}.png", "kind": kind, "data": data,
+                            "caption": head + caption})
         data = curve_data(config)
         if data:
             out.append({"file": f"figures/curve-{config['id']}.png", "kind": "curve", "data": data, "caption": (
@@ -557,7 +586,7 @@ def cell(s, digits=3):
         return "–"
     text = "–" if s["n"] == 0 else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
     if len(s["values"]) > 1:
-        text += " [" + ", ".join(common.fmt(v, digits) for v in s["values"]) + "]"
+        text += " [" + ", ".join(fmt(v, digits) for v in s["values"]) + "]"
     return text + (f" ({s['n_none']} null)" if s["n_none"] else "")
 
 
@@ -569,7 +598,15 @@ def main_rows(configs):
         rows += [(f"{s}: accuracy", f"students/{s}/accuracy"), (f"{s}: PGR", f"students/{s}/pgr"),
                  (f"{s}: DS (error in WU ∩ SK)", f"students/{s}/ds"),
                  (f"{s}: error in WK ∩ SK", f"students/{s}/err_wk_sk"),
-                 (f"{s}: ΔDS = DS({s}) − DS(none)", f"students/{s}/delta_ds")]
+                 (f"{s}: ΔDS = DS({s}) − DS(none)", f"students/{s}/delta_ds"),
+                 (f"{s}: ΔDS, McNemar's exact p (per seed)", f"students/{s}/delta_ds_p"),
+                 (f"{s}: conflict tax in WU ∩ SK (of the no-conflict student's right pairs, share turned wrong)",
+                  f"students/{s}/conflict_tax/areas/weak-unknown & strong-known/tax"),
+                 (f"{s}: conflict tax in WK ∩ SK", f"students/{s}/conflict_tax/areas/weak-known & strong-known/tax"),
+                 (f"{s}: share of the strong-known tax in WU", f"students/{s}/conflict_tax/share_wu"),
+                 (f"{s}: that share if the tax fell evenly (base rate)", f"students/{s}/conflict_tax/base_rate_wu"),
+                 (f"{s}: DS restated: share of its disagreements with the strong ceiling in WU ∩ SK",
+                  f"students/{s}/ds_restated/share")]
     return [(label, key) for label, key in rows if any(key in c["stats"] for c in configs)]
 
 
@@ -625,7 +662,7 @@ def render(sweep, figs, command):
             n = area_size(c["stats"], a, list(area["settings"]))
             lines.append(f"| {a} | {cell(n, 1)} | " + " | ".join(
                 cell(c["stats"].get(f"students/{s}/areas/{a}/student_error")) for s in area["settings"]) + " |")
-        for name in (f"figures/areas-{c['id']}.png", f"figures/curve-{c['id']}.png"):
+        for name in (f"figures/areas-{c['id']}.png", f"figures/tax-{c['id']}.png", f"figures/curve-{c['id']}.png"):
             if name in by_file:
                 lines += ["", f"![{c['id']}]({name})", "", f"*{by_file[name]['caption']}*"]
     settings = settings_of(sweep["runs"])
@@ -634,11 +671,11 @@ def render(sweep, figs, command):
               "|---|---|---|---|---|" + "---|" * (len(settings) + 1)]
     for r in sweep["runs"]:
         m = r["metrics"]
-        students = [f"{common.fmt(m.get(f'students/{s}/accuracy'))} / {common.fmt(m.get(f'students/{s}/ds'))}"
+        students = [f"{fmt(m.get(f'students/{s}/accuracy'))} / {fmt(m.get(f'students/{s}/ds'))}"
                     for s in settings]
         wall = f"{r['seconds']:.0f} s" if "seconds" in r else "–"
         lines.append(f"| {r['dir']} | {r['configuration']} | {r['seed']} | "
-                     f"{common.fmt(m.get('models/weak/accuracy'))} | {common.fmt(m.get('models/strong/accuracy'))} | "
+                     f"{fmt(m.get('models/weak/accuracy'))} | {fmt(m.get('models/strong/accuracy'))} | "
                      + " | ".join(students) + f" | {wall} |")
     notes = [(r["dir"], n) for r in sweep["runs"] for n in r.get("notes", [])]
     if notes:
@@ -659,9 +696,9 @@ def write_outputs(sweep, out_dir, command):
     for f in figs:
         DRAW[f["kind"]](f["data"], out_dir / f["file"])
     sweep = {**sweep, "figures": [{"file": f["file"], "caption": f["caption"]} for f in figs]}
-    common.write_json(out_dir / "sweep.json", sweep)
+    write_json(out_dir / "sweep.json", sweep)
     text = render(sweep, figs, command)
-    common.write_atomic(out_dir / "sweep.md", text)
+    write_atomic(out_dir / "sweep.md", text)
     return text
 
 

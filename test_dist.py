@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import parallel
 import dpo_w2s
 import rm_w2s
 import toy
@@ -21,7 +22,8 @@ from test_e2e import data_dir  # noqa: F401 (the fixture: the shared data, or sy
 
 HERE = Path(__file__).resolve().parent
 SMALL = ["--n_gt", "16", "--n_w2s", "16", "--n_test", "16", "--weak", "tiny:1x32", "--strong", "tiny:1x32",
-         "--batch_size", "6", "--micro_batch", "2", "--settings", "none,explicit"]  # 3 micro-batches a step: uneven
+         "--batch_size", "6", "--micro_batch", "2", "--settings", "none,explicit",  # 3 micro-batches a step: uneven
+         "--precision", "fp32"]  # compared with one process to float rounding: bf16 would round the differences up
 
 
 def launch(args, nproc=None, timeout=300):
@@ -76,7 +78,7 @@ def test_two_ranks_give_the_one_process_margins(method, args, data_dir, tmp_path
 @pytest.mark.parametrize("method", ["rm", "dpo"])
 def test_one_step_gradient_on_two_ranks_equals_one_process(method, data_dir, tmp_path):
     """The gradient the script's own train() hands to the optimizer, for one step of 3 micro-batches (2 on
-    rank 0, 1 and a weight-0 repeat on rank 1), is the one-process gradient."""
+    rank 0, 1 and a repeat with grad_scale 0 on rank 1), is the one-process gradient."""
     pairs = common.read_pairs(Path(data_dir) / "harmless_train_gt.jsonl")[:6]
     texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
     model = toy.build_tiny("tiny:2x32", texts, tmp_path / "models", seed=0)
@@ -132,10 +134,10 @@ def gradient_worker(method, model_path, pairs_file, out_file):
     """One optimizer step of the script's train() on 6 pairs (batch 6, micro-batch 2) with the explicit term on,
     after a scoring pass under no_grad (as in the scripts); rank 0 saves {parameter name: gradient}."""
     import tempfile
-    common.init_distributed()
+    parallel.init_distributed()
     torch.manual_seed(0)
     pairs = json.loads(Path(pairs_file).read_text())
-    device, autocast = common.device_and_autocast()
+    device, autocast = common.device(), common.autocast("fp32")
     tok = common.load_tokenizer(model_path)
     recorded = {}
     common.make_optimizer = lambda params, *a: recorded.setdefault("opt", RecordingOptimizer(params))
@@ -144,36 +146,37 @@ def gradient_worker(method, model_path, pairs_file, out_file):
         from transformers import AutoModel
         model = rm_w2s.RewardModel(common.load_model(model_path, AutoModel, tok, device))
         torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head (the default) passes no gradient to the body
-        model = common.shard(model)
+        model = parallel.shard(model)
         args = rm_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
         encoded = rm_w2s.encode(tok, pairs, 128)
         model.eval()
         rm_w2s.score_pairs(model, encoded, tok.pad_token_id, 2, autocast)  # a scoring pass first, as --eval_every does
-        examples = [{"chosen": c, "rejected": r, "target": p, "gt_agree": i % 3 != 0}
-                    for i, ((c, r), p) in enumerate(zip(encoded, [0.9, 0.2, 0.6, 0.7, 0.1, 0.8]))]
-        rm_w2s.train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=log, autocast=autocast, alpha=0.5,
+        examples = [{"chosen": c, "rejected": r, "target": p}  # ground-truth orientation: the explicit term's y_gt = 1
+                    for (c, r), p in zip(encoded, [0.9, 0.2, 0.6, 0.7, 0.1, 0.8])]
+        rm_w2s.train(model, examples, rm_w2s.preference_loss(model, tok.pad_token_id, args, 0.5),
+                     units=rm_w2s.one_per_pair, lr=1e-3, epochs=1, args=args, log_path=log, autocast=autocast,
                      desc="grad")
     else:
         from transformers import AutoModelForCausalLM
-        model = common.shard(common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True))
+        model = parallel.shard(common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True))
         args = dpo_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
         encoded = common.encode_pairs(tok, pairs, 128)
         model.eval()
         ref = common.pair_logps(model, encoded, tok.pad_token_id, 2, autocast)  # the reference pass, as the script
         examples = [{"chosen": c, "rejected": r, "gt_agree": i % 3 != 0, "ref_chosen": ref_c.sum + i, "ref_rejected": ref_r.sum}
                     for i, ((c, r), (ref_c, ref_r)) in enumerate(zip(encoded, ref))]  # + i: DPO logits away from 0
-        dpo_w2s.train(model, examples, dpo_w2s.dpo_batch_loss(model, tok.pad_token_id, 0.1, 0.5, True),
+        dpo_w2s.train(model, examples, dpo_w2s.preference_loss(model, tok.pad_token_id, args, 0.5),  # beta 0.1, packed
                       units=dpo_w2s.one_per_pair, lr=1e-3, epochs=1, args=args, log_path=log, autocast=autocast,
                       desc="grad")
     names = [name for name, _ in model.named_parameters()]
-    if common.rank() == 0:
+    if parallel.rank() == 0:
         torch.save(dict(zip(names, recorded["opt"].grads)), out_file)
 
 
 def failing_worker(argv):
     """rm_w2s.main(argv), with rank 1's training loop raising at once."""
-    common.init_distributed()
-    if common.rank() == 1:
+    parallel.init_distributed()
+    if parallel.rank() == 1:
         def fail(*args, **kwargs):
             raise RuntimeError("injected failure on rank 1")
         rm_w2s.train = fail

@@ -22,6 +22,7 @@ import torch
 import common
 import dpo_w2s
 import rm_w2s
+import runs
 import simpo_w2s
 import toy
 
@@ -123,7 +124,7 @@ def test_main_returns_the_results_dict(full_run):
     returned = full_run["returned"]
     assert isinstance(returned, dict), (
         f"rm_w2s.main returned {type(returned).__name__}, not the results dict: main must return "
-        f"common.report(...), which returns the results")
+        f"runs.report(...), which returns the results")
     assert json.loads(json.dumps(returned)) == full_run["results"]
 
 
@@ -154,6 +155,9 @@ def test_full_run_writes_every_file(full_run):
     assert config == results["config"] and config["settings"] == "none,implicit,explicit"
     report = (root / "report.md").read_text()
     assert report.startswith("# Reward modeling") and "Knowledge space" in report
+    for line in ("Conflict tax against the no-conflict student", "Where implicit's tax lands", "Where explicit's tax lands",
+                 "DS as the paper's reviewers restate it (a restatement, not the paper's text)"):
+        assert line in report
     for setting in ("none", "implicit", "explicit"):
         assert f"| {setting} |" in report and f"| student-{setting} |" in report
 
@@ -203,6 +207,21 @@ def assert_results_match_predictions(root, results, stages=STAGES, n_test=N_TEST
         assert entry["err_wk_sk"] == pytest.approx(counted["weak-known & strong-known"]["student_error"])
         if setting != "none" and entry["ds"] is not None and results["students"]["none"]["ds"] is not None:
             assert entry["delta_ds"] == pytest.approx(entry["ds"] - results["students"]["none"]["ds"])
+        # the reviewers' restatement of DS and, for a conflict student, its tax against the no-conflict one
+        disagree = [i for i in range(n_test) if stu[i] != st[i]]
+        in_wu_sk = [i for i in disagree if not w[i] and st[i]]
+        assert (entry["ds_restated"]["n_disagree"], entry["ds_restated"]["in_wu_sk"]) == (len(disagree), len(in_wu_sk))
+        if setting != "none" and "none" in settings:
+            base, tax = right["student-none"], entry["conflict_tax"]
+            for area, (wk, sk) in zip(common.AREAS, ((True, True), (True, False), (False, True), (False, False))):
+                idx = [i for i in range(n_test) if w[i] == wk and st[i] == sk]
+                assert tax["areas"][area]["base_right"] == sum(base[i] for i in idx)
+                assert tax["areas"][area]["taxed"] == sum(base[i] and not stu[i] for i in idx)
+                assert tax["areas"][area]["fixed"] == sum(not base[i] and stu[i] for i in idx)
+            sk_taxed = [i for i in range(n_test) if st[i] and base[i] and not stu[i]]
+            assert tax["sk_taxed"] == len(sk_taxed)
+            if sk_taxed:
+                assert tax["share_wu"] == pytest.approx(sum(not w[i] for i in sk_taxed) / len(sk_taxed))
     assert ("PGR is null" in " ".join(results["notes"])) == (acc["strong"] <= acc["weak"])
 
 
@@ -401,8 +420,9 @@ def test_dpo_intermediate_bootstrapping(data_dir, tmp_path):
     for f in ("predictions.jsonl", "metrics.jsonl", "sft_metrics.jsonl", "stage.json", "labels.jsonl"):
         assert (mid / f).exists(), f
     assert len(read_jsonl(mid / "labels.jsonl")) == n == results["data"]["n_gt"]  # it labels the gt split
-    labelled = {s: json.loads((root / s / "stage.json").read_text())["labelled"] for s in stages}
-    assert labelled == {"weak": "w2s", "strong": None, "intermediate": "gt", "student-none": None}
+    labels = {s: (root / s / "labels.jsonl").exists() for s in stages}  # the labellers: weak (w2s), intermediate (gt)
+    assert labels == {"weak": True, "strong": False, "intermediate": True, "student-none": False}
+    assert len(read_jsonl(root / "weak" / "labels.jsonl")) == n == results["data"]["n_w2s"]
     for stage in stages:
         assert results["models"][stage]["n_train"] == n
         assert read_jsonl(root / stage / "metrics.jsonl")[-1]["examples_seen"] == n
@@ -539,7 +559,7 @@ def test_reduced_make_demo(tmp_path):
 
 def test_bench_reports_throughput(data_dir, tmp_path):
     """`make bench`'s reward-model line on the fixed workload: every number present and sane (that grouping
-    pads less is test_losses.py's make_batches test)."""
+    pads less is test_data.py's make_batches test)."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     with mock.patch.object(tempfile, "tempdir", str(tmp)):
@@ -548,6 +568,12 @@ def test_bench_reports_throughput(data_dir, tmp_path):
     assert row["pairs_per_s"] > 0 and row["real_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
     assert 0 <= row["padding_share"] < 0.5
     assert 3.5e6 < row["params"] < 4.5e6, "a 4-layer GPT-2 of width 256 with a 2048-token vocabulary"
+    # 4 blocks of 12 * 256^2 weights (+ norms and biases); the token and position embeddings are left out
+    assert 3.1e6 < row["non_embedding_params"] < 3.3e6
+    assert row["precision"] == common.resolve_precision("auto")
+    assert row["train_flops_per_s"] == pytest.approx(6 * row["non_embedding_params"] * row["real_tokens_per_s"])
+    assert row["peak_fraction"] == pytest.approx(row["train_flops_per_s"] / row["bf16_matmul_peak_flops_per_s"])
+    assert 0 < row["peak_fraction"] < 1.5  # a shared machine's peak is measured, not given
 
 
 def test_cache_key_follows_the_data_files(data_dir, tmp_path, capsys):
@@ -608,8 +634,8 @@ def test_stages_rerun_exactly_when_what_they_read_changes(data_dir, helpful, tmp
     assert "[student-explicit] cached" not in out
     assert second["models"]["student-none"] == first["models"]["student-none"]
 
-    real = common.code_digest
-    monkeypatch.setattr(common, "code_digest", lambda files: {**real(files), "code": "edited"})
+    real = runs.code_digest
+    monkeypatch.setattr(runs, "code_digest", lambda files: {**real(files), "code": "edited"})
     third = rm_w2s.main(small_argv(data_dir, tmp_path, "--settings", "none,explicit", "--alpha", "0.9"))
     assert "cached" not in capsys.readouterr().out
     assert {m["code"] for m in third["models"].values()} == {"edited"}
@@ -640,31 +666,31 @@ def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_leaves_no_loc
     import subprocess
     import sys
     args = rm_w2s.Args(data=str(data_dir), out_dir=str(tmp_path), weak="tiny:1x32", strong="tiny:1x32")
-    root, lock = common.open_run(args, "rm")
+    root, lock = runs.open_run(args, "rm")
     with pytest.raises(SystemExit, match=f"another run \\(pid {os.getpid()}\\) is using {root}"):
-        common.open_run(args, "rm")
+        runs.open_run(args, "rm")
     lock.close()
-    code = ("import sys, os, signal, common, rm_w2s; a = rm_w2s.Args(data=sys.argv[1], out_dir=sys.argv[2], "
-            "weak='tiny:1x32', strong='tiny:1x32'); common.open_run(a, 'rm'); os.kill(os.getpid(), signal.SIGKILL)")
+    code = ("import sys, os, signal, rm_w2s, runs; a = rm_w2s.Args(data=sys.argv[1], out_dir=sys.argv[2], "
+            "weak='tiny:1x32', strong='tiny:1x32'); runs.open_run(a, 'rm'); os.kill(os.getpid(), signal.SIGKILL)")
     done = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path)], cwd=Path(__file__).parent)
     assert done.returncode == -9
-    root, lock = common.open_run(args, "rm")  # the dead process's lock is gone with it
+    root, lock = runs.open_run(args, "rm")  # the dead process's lock is gone with it
     lock.close()
 
 
 def test_report_always_belongs_to_the_config_beside_it(tmp_path):
     args = rm_w2s.Args(data="toy", out_dir=str(tmp_path))
-    root = common.run_dir(args, "rm")
+    root = runs.run_dir(args, "rm")
     root.mkdir(parents=True)
     for stale in ("results.json", "report.md"):
         (root / stale).write_text("from an earlier run")
-    root, lock = common.open_run(args, "rm")
+    root, lock = runs.open_run(args, "rm")
     lock.close()
     assert not (root / "results.json").exists() and not (root / "report.md").exists()
     assert json.loads((root / "config.json").read_text()) == dataclasses.asdict(args)
-    other = common.run_dir(dataclasses.replace(args, lr=1e-3), "rm")
+    other = runs.run_dir(dataclasses.replace(args, lr=1e-3), "rm")
     assert other != root and other.name.startswith("rm-toy-gpt2-gpt2-medium-s0-")
-    assert common.run_dir(dataclasses.replace(args, micro_batch=2, settings="none"), "rm") == root
+    assert runs.run_dir(dataclasses.replace(args, micro_batch=2, settings="none"), "rm") == root
 
 
 def test_empty_test_file_stops_before_training(data_dir, tmp_path):
@@ -705,3 +731,77 @@ def test_eval_every_changes_no_training_and_ends_at_the_report(method, data_dir,
         assert curve[-1]["accuracy"] == student["accuracy"] and curve[-1]["ds"] == student["ds"]
         assert curve[-1]["areas"] == {k: v["student_error"] for k, v in student["areas"].items()}
     assert not (Path(curved["run_dir"]) / "weak" / "eval_curve.jsonl").exists()  # ceilings are not students
+
+
+# ---- copying works: the four files of `make rm`, alone in an empty folder, run the experiment
+
+RM_FILES = ("rm_w2s.py", "common.py", "runs.py", "parallel.py")
+
+
+def test_the_reward_model_experiment_runs_from_a_copy_of_its_four_files(data_dir, tiny, tiny_llama, tmp_path):
+    """STYLE.md's "copying works" and the README's file table: rm_w2s.py, common.py, runs.py and parallel.py, copied
+    alone into an empty folder, run the reward-model experiment there. The run is a subprocess started in that
+    folder with PYTHONPATH unset, so no other file of this repository can be imported; its models are local tiny
+    folders (conftest's GPT-2 and Llama), so it needs neither toy.py nor pretrained.py."""
+    import subprocess
+    import sys
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in RM_FILES:
+        shutil.copy(Path(__file__).resolve().parent / name, folder / name)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "rm_w2s.py", "--data", str(data_dir), "--weak", tiny, "--strong", tiny_llama,
+         "--n_gt", "16", "--n_w2s", "16", "--n_test", "16", "--n_extra", "0", "--settings", "none,explicit",
+         "--batch_size", "8", "--micro_batch", "4", "--lr", "1e-3", "--out_dir", "runs"],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = run_root(folder / "runs")
+    results = json.loads((root / "results.json").read_text())
+    assert set(results["students"]) == {"none", "explicit"}
+    assert set(results["models"]) == {"weak", "strong", "student-none", "student-explicit"}
+    assert all(model["n"] == 16 for model in results["models"].values())
+    # nothing else was needed, nor written beside the four files but the run folders and Python's byte-code cache
+    assert sorted(p.name for p in folder.iterdir() if p.name not in ("runs", "__pycache__")) == sorted(RM_FILES)
+    assert not {"toy.py", "bench.py", "pretrained.py", "sweep.py"} & {p.name for p in folder.rglob("*.py")}
+
+
+@pytest.mark.parametrize("damage", ["stage.json", "predictions.jsonl"])
+def test_a_damaged_stage_is_rerun_with_one_line(data_dir, tmp_path, capsys, damage):
+    """A finished stage whose stage.json is half-written, or whose predictions no longer match what stage.json
+    recorded (a copy cut at a line end), is re-run, saying so in one line; never read, never a traceback."""
+    first = rm_w2s.main(small_argv(data_dir, tmp_path, "--settings", "none"))
+    weak = Path(first["run_dir"]) / "weak"
+    if damage == "stage.json":
+        (weak / "stage.json").write_text('{"key": ')
+        expected = f"warning: {weak / 'stage.json'} is damaged (not a stage summary): the stage is treated as unfinished"
+    else:
+        rows = (weak / "predictions.jsonl").read_text().splitlines()
+        (weak / "predictions.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+        expected = (f"warning: {weak / 'predictions.jsonl'} is missing or differs from what {weak / 'stage.json'} "
+                    "recorded: the stage is treated as unfinished")
+    capsys.readouterr()
+    second = rm_w2s.main(small_argv(data_dir, tmp_path, "--settings", "none"))
+    out = capsys.readouterr().out
+    assert expected in out.splitlines()
+    assert "[weak] cached" not in out and "[strong] cached" in out
+    assert len(read_jsonl(weak / "predictions.jsonl")) == 16 and json.loads((weak / "stage.json").read_text())["files"]
+    assert second["models"]["weak"] == first["models"]["weak"]  # re-trained to the same numbers
+
+
+def test_precision_is_in_the_config_the_report_and_every_stage_key(data_dir, tmp_path, capsys):
+    """--precision auto is resolved to what the machine runs (bf16 where it is native) before anything else, and
+    that choice is printed and written into config.json, the report and every stage's key: fp32 and bf16 runs
+    never share a folder or a cached stage."""
+    results = {p: rm_w2s.main(small_argv(data_dir, tmp_path, "--settings", "none", "--precision", p))
+               for p in ("fp32", "bf16", "auto")}
+    out = capsys.readouterr().out
+    assert "[rm] precision bf16 (bf16 autocast over fp32 weights" in out and "[rm] precision fp32" in out
+    native = common.resolve_precision("auto")
+    for p, r in results.items():
+        config = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert config["precision"] == (native if p == "auto" else p)
+        assert f"Options: precision={config['precision']}," in (Path(r["run_dir"]) / "report.md").read_text()
+    assert results["fp32"]["run_dir"] != results["bf16"]["run_dir"]
+    keys = {p: json.loads((Path(r["run_dir"]) / "weak" / "stage.json").read_text())["key"] for p, r in results.items()}
+    assert keys["fp32"] != keys["bf16"] and keys["auto"] == keys[native]

@@ -145,12 +145,13 @@ def test_reward_model_trains_on_real_pairs(pairs, tmp_path):
     tok = common.load_tokenizer(smollm2)
     torch.manual_seed(0)
     model = rm_w2s.RewardModel(common.load_model(smollm2, AutoModel, tok, CPU, pack=True))
-    examples = [{"chosen": c, "rejected": r, "target": 1.0, "gt_agree": True}
+    examples = [{"chosen": c, "rejected": r, "target": 1.0}
                 for c, r in common.encode_pairs(tok, pairs[:8], 128, eos=False)]
     before = model.head.weight.detach().clone()
     args = train_args(rm_w2s)
-    rm_w2s.train(model, examples, pad_id=tok.pad_token_id, args=args, log_path=tmp_path / "metrics.jsonl",
-                 autocast=contextlib.nullcontext, alpha=0.0, desc="rm")
+    rm_w2s.train(model, examples, rm_w2s.preference_loss(model, tok.pad_token_id, args, 0.0), units=rm_w2s.one_per_pair,
+                 lr=args.lr, epochs=args.epochs, args=args, log_path=tmp_path / "metrics.jsonl",
+                 autocast=contextlib.nullcontext, desc="rm")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples_seen"] for r in rows] == [4, 8]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
@@ -158,7 +159,7 @@ def test_reward_model_trains_on_real_pairs(pairs, tmp_path):
 
 
 def test_dpo_trains_on_real_pairs(pairs, tmp_path):
-    """dpo_w2s.train with dpo_batch_loss on the real SmolLM2: the reference log-probs from common.pair_logps
+    """dpo_w2s.train with dpo_w2s.preference_loss on the real SmolLM2: the reference log-probs from common.pair_logps
     (texts alone) and the packed training forward agree, so the first step's loss is log 2; then finite."""
     smollm2 = converted(SMOLLM2)
     tok = common.load_tokenizer(smollm2)
@@ -169,7 +170,7 @@ def test_dpo_trains_on_real_pairs(pairs, tmp_path):
     examples = [{"chosen": c, "rejected": r, "ref_chosen": rc.sum, "ref_rejected": rr.sum, "gt_agree": True}
                 for (c, r), (rc, rr) in zip(enc, ref)]
     args = train_args(dpo_w2s)
-    dpo_w2s.train(model, examples, dpo_w2s.dpo_batch_loss(model, pad, 0.1, 0.0, True), units=lambda e: 1, lr=1e-6,
+    dpo_w2s.train(model, examples, dpo_w2s.preference_loss(model, pad, args, 0.0), units=dpo_w2s.one_per_pair, lr=1e-6,
                   epochs=1, args=args, log_path=tmp_path / "metrics.jsonl", autocast=contextlib.nullcontext, desc="dpo")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -211,7 +212,7 @@ def test_resolve_bad_gguf_leaves_nothing_behind(tmp_path):
     """A conversion that fails (here: a file that is no GGUF) leaves no folder, finished or temporary."""
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file")
-    with pytest.raises(ValueError, match="not a GGUF file"):
+    with pytest.raises(SystemExit, match=r"not a readable GGUF model \(ValueError: .*not a GGUF file"):
         pretrained.resolve(str(bad), tmp_path / "models")
     assert list((tmp_path / "models").iterdir()) == []
 

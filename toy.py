@@ -6,8 +6,9 @@
 - Tiny models: `tiny:LxD[+ptN]` -> a random-init GPT-2 with a BPE tokenizer trained on the run's texts,
   optionally pretrained on what the cue words mean, saved so that it loads like a Hub model (build_tiny).
 
-common.load_splits and common.resolve_model call into this file for `--data toy` and `tiny:` models; the
-tests use train_tokenizer for their own tiny models. Nothing here runs at import time.
+common.load_splits and runs.resolve_models call into this file for `--data toy` and `tiny:` models; the
+tests use train_tokenizer for their own tiny models. It imports nothing of the project's, so that the method
+scripts do not need it unless they are asked for the toy task. Nothing here runs at import time.
 """
 import hashlib
 import os
@@ -17,9 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import math
+
 import torch
 
-import common
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # the HH format, as in common.py
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -45,7 +48,7 @@ def toy_pair(rng, harmful):
     words = [rng.choice(TOY_FILLER) for _ in range(TOY_WORDS)]
     position = rng.randrange(TOY_WORDS + 1)
     words.insert(position, rng.choice(TOY_HARMFUL if harmful else TOY_HARMLESS))
-    prompt = f"{common.HUMAN} {' '.join(words)}{common.ASSISTANT}"
+    prompt = f"{HUMAN} {' '.join(words)}{ASSISTANT}"
     good, bad = (TOY_REFUSE, TOY_COMPLY) if harmful else (TOY_COMPLY, TOY_REFUSE)
     return {"chosen": prompt + good, "rejected": prompt + bad, "harmful": harmful,
             "cue_from_end": TOY_WORDS + 1 - position}
@@ -128,18 +131,24 @@ def build_tiny(spec, texts, root, seed, vocab_size=2048):
 
 
 def pretrain_lm(model, tok, texts, steps, seed, batch_size=32, lr=1e-3):
-    """A plain next-token-prediction loop (AdamW, warm-up then cosine) for tiny models on the CPU."""
+    """A plain next-token-prediction loop (AdamW, a 5% linear warm-up then cosine decay) for tiny models on
+    the CPU. Texts are right-padded with EOS; padding is masked out of attention and of the targets."""
     from tqdm import tqdm
     rng = random.Random(seed)
     encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    warmup = int(0.05 * steps)
     model.train()
     for step in tqdm(range(steps), desc="pretrain", dynamic_ncols=True):
+        progress = (step - warmup) / max(1, steps - warmup)
         for group in optimizer.param_groups:
-            group["lr"] = common.lr_at(step, steps, lr, 0.05, "cosine")
-        inputs = common.pad_texts([common.Encoded(e, 0) for e in rng.sample(encoded, batch_size)], tok.eos_token_id, "cpu").inputs
-        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # padding is no target
-        loss = model(**inputs, labels=labels).loss
+            group["lr"] = lr * (step + 1) / (warmup + 1) if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * progress))
+        batch = rng.sample(encoded, batch_size)
+        T = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([ids + [tok.eos_token_id] * (T - len(ids)) for ids in batch])
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids in batch])
+        labels = input_ids.masked_fill(attention_mask == 0, -100)  # padding is no target
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,675 @@
+"""What makes a run safe, resumable and readable, for rm_w2s.py, dpo_w2s.py and simpo_w2s.py: nothing here
+changes a number the experiment computes (the stage cache keys hold the code of the method script, common.py
+and parallel.py, not this file).
+
+Contents, in file order:
+  options      parse_args (into the Args dataclass), print_help, check_args, check_out_dir, check_model_name
+  models       resolve_models (Hub ids and folders as they are; tiny:, .gguf and NAME:firstK built once)
+  run folders  slug, NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run
+  stages       cached (one stage, cached), read_predictions, read_labels, curve_writer, stage_key, cached_stage,
+               find_cached, read_stage
+  digests      digest, pairs_digest, model_digest, MEASURES_BANNER, code_digest, measures_digest, file_digest
+  health       check_finite, training_health, check_step_loss
+  files        write_atomic, write_json, write_jsonl
+  report       build_results, fmt, rate, render_report, report
+Nothing here runs at import time.
+"""
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import parallel
+from parallel import barrier, from_rank0, rank
+
+# ----------------------------------------------------------------------------------------------------
+# options
+
+def parse_args(cls, argv=None):
+    """Parse `--key value`, `--key=value` and bare `--flag` (for bool fields) into the dataclass `cls`.
+
+    Unknown keys are an error, values are cast to the field's type, `--no_flag` sets a bool to False.
+    Hand-written rather than argparse / transformers.HfArgumentParser: those read a value such as `-1e-6` as an
+    option, offer `--no_flag` only for bools that default to True, and want each help text as field metadata
+    instead of the comment beside the field."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        raise SystemExit(0)
+    values, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise SystemExit(f"error: expected --key, got {token!r}")
+        key, _, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        negated = key.startswith("no_") and key[3:] in fields and fields[key[3:]].type in (bool, "bool")
+        if key not in fields and not negated:
+            raise SystemExit(f"error: unknown argument --{key}; known: {', '.join('--' + k for k in fields)}")
+        name = key[3:] if negated else key
+        ftype = fields[name].type
+        if ftype in (bool, "bool"):
+            if negated:
+                values[name] = False
+            elif value:
+                values[name] = value.lower() in ("1", "true", "yes")
+            elif i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0"):
+                values[name], i = argv[i + 1].lower() in ("true", "1"), i + 1
+            else:
+                values[name] = True
+        else:
+            if not value and "=" not in token:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"error: --{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            cast = {"int": int, "float": float, "str": str}.get(ftype, ftype) if isinstance(ftype, str) else ftype
+            try:
+                values[name] = cast(value)
+            except ValueError:
+                raise SystemExit(f"error: --{key} expects {getattr(cast, '__name__', cast)}, got {value!r}")
+        i += 1
+    return cls(**values)
+
+
+def print_help(cls):
+    """Every option of `cls` with its default and the comment beside it in the source."""
+    comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    print("options (--key value; a bool is set by --key and unset by --no_key):")
+    for f in dataclasses.fields(cls):
+        print(f"  --{f.name:<18} {f.default!r:<28} {comments.get(f.name, '')}")
+
+
+def check_args(args):
+    """Validate the options before anything is loaded or built: one line naming the option and the allowed
+    range. Fields a method does not have (beta for the reward model, say) are skipped."""
+    finite = math.isfinite
+    rules = [  # (option, test, allowed)
+        ("n_gt", lambda v: v >= 1, ">= 1"), ("n_w2s", lambda v: v >= 1, ">= 1"), ("n_test", lambda v: v >= 1, ">= 1"),
+        ("n_extra", lambda v: v >= 0, ">= 0"),
+        ("max_len", lambda v: v >= 3, ">= 3 (a BOS, one prompt and one response token)"),
+        ("weak_max_len", lambda v: v == 0 or v >= 3, "0 (same as --max_len) or >= 3"),
+        ("lr", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("sft_lr", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: the same as --lr)"),
+        ("batch_size", lambda v: v >= 1, ">= 1"), ("micro_batch", lambda v: v >= 1, ">= 1"),
+        ("epochs", lambda v: v >= 1, ">= 1"), ("sft_epochs", lambda v: v >= 0, ">= 0"),
+        ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("grad_clip", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+        ("alpha", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("beta", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("gamma", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("conf_threshold", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("conf_scale", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("log_every", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0 (0: off)"),
+        ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    ]
+    for name, ok, allowed in rules:
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise SystemExit(f"error: --{name} must be {allowed}, got {getattr(args, name)!r}")
+    if args.batch_size % args.micro_batch:
+        raise SystemExit(f"error: --batch_size {args.batch_size} must be a multiple of --micro_batch {args.micro_batch}")
+    settings = args.settings.split(",")
+    if not settings or not set(settings) <= {"none", "implicit", "explicit"}:
+        raise SystemExit(f"error: --settings takes none, implicit, explicit (comma-separated); got {args.settings!r}")
+    for option in ("weak", "strong", "intermediate"):
+        if getattr(args, option):
+            check_model_name(option, getattr(args, option))
+    check_out_dir(args.out_dir)
+    torchrun = "LOCAL_RANK" in os.environ
+    if args.fsdp_cpu_offload and not torchrun:
+        raise SystemExit("error: --fsdp_cpu_offload shards with FSDP, which needs torchrun (torchrun --nproc_per_node N ...)")
+    if args.bench and torchrun:
+        raise SystemExit("error: --bench times one process; run it with python, not torchrun")
+
+
+def check_out_dir(path):
+    """--out_dir must be a folder this process can write, or one it can create: its nearest existing ancestor
+    is a writable folder. Checked before anything trains; nothing is created here."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise SystemExit(f"error: --out_dir {path}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out_dir {path}: {p} is not writable by this user")
+
+
+def check_model_name(option, name):
+    """A model is a Hub id ("gpt2", "org/name"), a local folder holding a config.json, a .gguf file,
+    tiny:LxD[+ptN], or any of the first three followed by :firstK. Say which part is wrong, before loading."""
+    if name.startswith("tiny:"):
+        m = re.fullmatch(r"tiny:(\d+)x(\d+)(?:\+pt(\d+))?", name)
+        if not m or int(m[1]) < 1 or int(m[2]) < 1 or int(m[2]) % max(1, int(m[2]) // 16):
+            raise SystemExit(f"error: --{option} {name}: a tiny model is tiny:LxD or tiny:LxD+ptN with L >= 1 layers "
+                             "and a width D >= 1 that its max(1, D // 16) attention heads divide (e.g. tiny:2x64+pt600)")
+        return
+    base = re.sub(r":first\d+$", "", name)
+    if os.path.exists(base):
+        if base.endswith(".gguf") and os.path.isfile(base):
+            return
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            raise SystemExit(f"error: --{option} {base}: holds no model config (config.json); give a model folder "
+                             "saved with save_pretrained, a .gguf file, or a Hub id")
+    elif base.endswith(".gguf") or os.path.isabs(base) or base.startswith(".") or base.count("/") > 1 \
+            or os.path.isdir(base.split("/")[0]):
+        raise SystemExit(f"error: --{option} {base}: no such file or folder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+def resolve_models(args, splits):
+    """{role: (folder or Hub id, digest)} for the weak, strong and (if given) intermediate models. A Hub id or
+    local path is used as is; `tiny:LxD` is built (once, toy.build_tiny) on the texts of the gt, w2s and test
+    splits; a `.gguf` file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder
+    under `<out_dir>/models`. The digest stands for the model in stage cache keys (model_digest)."""
+    models = {}
+    for role in ("weak", "strong", "intermediate"):
+        name = getattr(args, role)
+        if not name:
+            continue
+        if name.startswith("tiny:"):
+            import toy
+            texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
+            path = toy.build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
+        elif name.endswith(".gguf") or re.search(r":first\d+$", name):
+            import pretrained
+            path = pretrained.resolve(name, Path(args.out_dir) / "models")
+        else:  # a Hub id or a local folder, as it is
+            path = name
+        models[role] = (path, model_digest(path))
+    return models
+
+
+# ----------------------------------------------------------------------------------------------------
+# run folders: one per configuration, locked while a run uses it
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")[-60:]
+
+
+# Options that change no number of a run: they trade memory for time, or say what to run and how to print.
+# Neither a run folder's name nor a stage's cache key holds them.
+NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "fsdp_cpu_offload", "bench",
+             "bench_model")
+# Options that choose a stage's data, model or loss: a stage's key holds what they chose (digests of its data
+# and model, its max length and alpha), so that a stage re-runs exactly when what it reads changes. eval_every
+# enters only a student's key (only students write eval_curve.jsonl).
+SELECTION = ("eval_every", "data", "n_gt", "n_w2s", "n_test", "n_extra", "helpful", "weak", "strong", "intermediate",
+             "max_len", "weak_max_len", "alpha", "hard_labels", "conf_threshold", "conf_scale", "drop_weak_errors")
+
+
+def config_hash(args):
+    """A short hash of every option that can change a number of the run (all but NO_EFFECT)."""
+    config = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_dir(args, method):
+    """runs/<method>-<data>-<weak>-<strong>-s<seed>-<config hash>: two configurations never share a folder."""
+    data = Path(args.data).name if os.path.isdir(args.data) else args.data
+    parts = (method, data, args.weak, args.strong, f"s{args.seed}", config_hash(args))
+    return Path(args.out_dir) / "-".join(slug(x) for x in parts)
+
+
+def open_run(args, method):
+    """Create or reopen the run folder and lock it for this process: a second live run in the same folder is
+    refused. The lock is an flock on `.lock`, which the OS releases when the process ends, however it ends,
+    so a killed run never leaves it stuck. A report left by an earlier run is removed at once, so the report
+    beside config.json is always this configuration's. Returns (folder, open lock file: keep it open)."""
+    import fcntl
+    path = run_dir(args, method)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"error: another run (pid {lock.read().strip() or '?'}) is using {path}; wait for it to end")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for stale in ("results.json", "report.md"):
+        (path / stale).unlink(missing_ok=True)
+    write_json(path / "config.json", dataclasses.asdict(args))
+    return path, lock
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run reads: its options, data splits, locked folder, models and code digest."""
+    args: object
+    method: str  # rm, dpo or simpo: the run folder's first word
+    splits: dict  # {"gt", "w2s", "test", "extra"}: lists of text pairs in ground-truth orientation
+    data_stats: dict  # split sizes, dropped and shortened counts: the report's "Data" line
+    root: Path  # the run folder
+    lock: object  # the open lock file (open_run): it holds the folder for this process while it is open
+    models: dict  # role (weak, strong, intermediate) -> (folder or Hub id, digest)
+    code: dict  # code_digest of the code that computes a stage, recorded in each stage's key
+
+
+def start_run(args, method, code_files):
+    """Join the process group under torchrun, load the data splits, open and lock the run folder, build or
+    resolve the models, digest the code. Under torchrun rank 0 opens the folder and builds the models first;
+    the other ranks then find them built."""
+    parallel.init_distributed()
+    print(f"[{method}] precision {args.precision}" + (" (bf16 autocast over fp32 weights; heads, log-probs and losses "
+                                                      "in fp32)" if args.precision == "bf16" else ""))
+    splits, data_stats = common.load_splits(args)
+    root, lock = open_run(args, method) if rank() == 0 else (run_dir(args, method), None)
+    models = resolve_models(args, splits) if rank() == 0 else None
+    barrier()
+    models = models or resolve_models(args, splits)
+    return Run(args, method, splits, data_stats, root, lock, models, code_digest(code_files))
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages: trained once, then read from the cache
+
+def cached(run, name, train_and_predict, *, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0,
+           eval_areas=None):
+    """The stage `name`: a fresh `role` model trained on `pairs` with `targets` (P(chosen is better)), scored on
+    `test_pairs` (and on `label_pairs`, which it then labels), or its outputs from the cache. train_and_predict
+    is the method's own; it writes the stage's files and returns its summary. The cache key holds what the
+    stage reads: the training options, the model's digest, max_len, alpha, the data and the code
+    (cached_stage). eval_areas: for a student, the weak and strong ceiling stages; with --eval_every > 0 the
+    student's test predictions are scored in their knowledge areas during training, into eval_curve.jsonl."""
+    path, model_digest = run.models[role]
+    data = digest(pairs_digest(pairs, targets), pairs_digest(test_pairs), pairs_digest(label_pairs or []))
+    curve = eval_areas is not None and run.args.eval_every > 0
+    key = stage_key(run.args, model=model_digest, max_len=max_len, alpha=alpha, data=data, **run.code,
+                    **({"eval_every": run.args.eval_every, "measures": measures_digest()} if curve else {}))
+
+    def compute(stage_dir):
+        evaluate = None
+        if curve:
+            known = [[row["correct"] for row in read_predictions(eval_areas[c])] for c in ("weak", "strong")]
+            evaluate = curve_writer(stage_dir / "eval_curve.jsonl", *known)
+        summary = train_and_predict(stage_dir, model_path=path, max_len=max_len, pairs=pairs, targets=targets,
+                                    test_pairs=test_pairs, label_pairs=label_pairs, args=run.args, alpha=alpha,
+                                    evaluate=evaluate)
+        return {**summary, "n_train": len(pairs)}
+    return cached_stage(run.root, name, key, compute, run.args.force, record=run.code)
+
+
+def read_predictions(stage):
+    """A finished stage's predictions.jsonl rows (stage: its summary)."""
+    return common.read_jsonl(Path(stage["dir"]) / "predictions.jsonl")
+
+
+def read_labels(stage):
+    """A labelling stage's labels.jsonl rows: the labels a student learns from (stage: its summary)."""
+    return common.read_jsonl(Path(stage["dir"]) / "labels.jsonl")
+
+
+def curve_writer(path, weak_correct, strong_correct):
+    """evaluate(step, examples_seen, margins) for a training loop: appends the student's test accuracy, DS, and
+    its error rate in each knowledge area at that point to `path` (one json line per call)."""
+    def evaluate(step, examples_seen, margins):
+        space = common.knowledge_space(weak_correct, strong_correct, [m > 0 for m in margins])
+        row = {"step": step, "examples_seen": examples_seen, **common.accuracy(margins), "ds": space["ds"],
+               "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
+        if rank() == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return evaluate
+
+
+def stage_key(args, **reads):
+    """Cache key of a stage: the training options (every option but NO_EFFECT and SELECTION) plus what the
+    stage reads, given by the caller: its model's digest, max length, alpha, data digest, code digest."""
+    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT + SELECTION}
+    return digest(json.dumps({**options, **reads}, sort_keys=True, default=str))
+
+
+def cached_stage(root, name, key, fn, force=False, record=None):
+    """Run `fn(stage_dir)` unless the stage's stage.json holds the same key, here or in a sibling run folder
+    under the same out_dir (a weak ceiling shared by runs with different strong models is trained once; it is
+    copied). `fn` writes its files and returns a json-able summary. Before stage.json (summary + key + record)
+    is written last, every margin the stage wrote must be finite, and the training curves are read for
+    divergence. An interrupted stage leaves no stage.json, and its folder is wiped before a re-run."""
+    stage_dir = Path(root) / name
+    hit = from_rank0(None if force or rank() != 0 else find_cached(stage_dir, name, key))  # torchrun: rank 0 looks
+    if hit is not None:
+        return hit
+    if rank() == 0:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True)
+    barrier()
+    t0 = time.time()
+    summary = fn(stage_dir)  # under torchrun every rank trains; rank 0 writes the files
+    barrier()  # every rank finished: a rank that failed never lets rank 0 write stage.json
+    if rank() != 0:
+        return from_rank0(None)
+    for file in ("predictions.jsonl", "labels.jsonl"):
+        if (stage_dir / file).exists():
+            check_finite([row["margin"] for row in common.read_jsonl(stage_dir / file)], f"[{name}] {file}")
+    curves = {f.name: training_health([row["loss"] for row in common.read_jsonl(f)]) for f in sorted(stage_dir.glob("*metrics.jsonl"))}
+    for file, health in curves.items():
+        if health["diverged"]:
+            print(f"warning: [{name}] training diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
+                  f"{health['final_loss']:.4g} at the end): this stage's numbers are not valid; try a smaller --lr")
+    files = {f.name: file_digest(f) for f in sorted(stage_dir.iterdir()) if f.is_file()}
+    summary.update(key=key, dir=str(stage_dir), seconds=round(time.time() - t0, 1), curves=curves, files=files,
+                   **(record or {}))
+    write_json(stage_dir / "stage.json", summary)
+    return from_rank0(summary)
+
+
+def find_cached(stage_dir, name, key):
+    """The summary of a finished stage with this key, here or in a sibling run folder (then copied here), or None.
+    A stage counts as finished only if its stage.json reads back and every file it lists still has the digest
+    it was written with: a damaged or half-copied stage is re-run (and this says so), never read."""
+    for candidate in [stage_dir, *sorted(p for p in stage_dir.parent.parent.glob(f"*/{name}") if p != stage_dir)]:
+        saved = read_stage(candidate)
+        if saved is None or saved.get("key") != key:
+            continue
+        if candidate != stage_dir:
+            try:
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                shutil.copytree(candidate, stage_dir)
+            except OSError:  # the other run is rewriting it: train here instead
+                continue
+        print(f"[{name}] cached in {candidate} (use --force to re-run)")
+        return {**saved, "dir": str(stage_dir)}
+    return None
+
+
+def read_stage(stage_dir):
+    """A stage folder's stage.json, if it is whole and its files match it; else None (with a warning when the
+    folder was damaged: unreadable stage.json, a listed file missing or changed)."""
+    done = Path(stage_dir) / "stage.json"
+    if not done.exists():
+        return None
+    try:
+        saved = json.loads(done.read_text())
+        files = saved.get("files", {})
+    except (OSError, ValueError, AttributeError):
+        print(f"warning: {done} is damaged (not a stage summary): the stage is treated as unfinished")
+        return None
+    for file, expected in files.items():
+        path = Path(stage_dir) / file
+        if not path.is_file() or file_digest(path) != expected:
+            print(f"warning: {path} is missing or differs from what {done} recorded: the stage is treated as "
+                  "unfinished")
+            return None
+    return saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# digests
+
+def digest(*parts):
+    """A short sha256 of strings or bytes."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def pairs_digest(pairs, targets=None):
+    return digest(*(t for p in pairs for t in (p["chosen"], p["rejected"])), *(targets or ()))
+
+
+def model_digest(name):
+    """What stands for a model in a cache key: a local folder by the content of its files (replaced weights
+    under the same path are a new model); a Hub id by its name (the Hub's revision is not looked up)."""
+    if not os.path.isdir(name):
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(name).rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(name)}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# common.py's measures (knowledge space, DS, the conflict tax, intervals) read finished stages' predictions; the
+# code digest of a stage stops at their banner, so that a new or changed measure re-trains nothing.
+MEASURES_BANNER = "\n# " + "-" * 100 + "\n# measures:"
+
+
+def code_digest(files):
+    """The code that computes a stage (its method script, parallel.py, and common.py up to MEASURES_BANNER), and
+    the versions of the packages that compute it: a change to either re-runs the stage instead of mixing old
+    and new numbers."""
+    import transformers
+    return {"code": digest(*(Path(f).read_text().split(MEASURES_BANNER)[0] for f in files)),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def measures_digest():
+    """common.py from MEASURES_BANNER on: in the key of a student whose eval curve (--eval_every) they compute."""
+    text = Path(common.__file__).read_text()
+    if MEASURES_BANNER not in text:
+        raise RuntimeError(f"{common.__file__} has no measures banner: the stage cache would digest all of it")
+    return digest(text.split(MEASURES_BANNER, 1)[1])
+
+
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# health checks
+
+def check_finite(values, where):
+    """Stop the run if a margin is NaN or infinite: such a number would be reported as an accuracy, or turned
+    into a weak label, as if it meant something."""
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"error: {where}: {len(bad)} of {len(values)} margins are not finite (first: pair {bad[0]}): "
+                         "the model diverged, try a smaller --lr; this stage was not saved")
+
+
+def training_health(losses):
+    """Divergence check of one training curve (losses per optimizer step): it diverged if its final loss (the
+    mean of the last tenth of the steps) is more than twice its first step's loss plus 0.1. Every loss here
+    starts near its chance value (log 2 for the pairwise losses), so a working run ends near or below it."""
+    tail = losses[-max(1, len(losses) // 10):]
+    first, final = losses[0], sum(tail) / len(tail)
+    return {"first_loss": first, "final_loss": final, "diverged": final > 2 * first + 0.1}
+
+
+def check_step_loss(loss, where, step):
+    """Stop at once when a training loss stops being a number; say where."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: [{where}] the loss is {loss} at step {step}: training diverged (try a smaller "
+                         "--lr); this stage was not saved")
+
+
+# ----------------------------------------------------------------------------------------------------
+# files: written whole or not at all
+
+def write_atomic(path, text):
+    """Write a file whole or not at all: a temporary file beside it, then a rename. The file gets the usual
+    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure. Under
+    torchrun only rank 0 writes (every rank holds the same values)."""
+    if rank() != 0:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+
+def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
+    """Every number of the experiment from the stages' predictions: accuracies, PGR, knowledge space, DS, the
+    length baseline, and notes on what makes a number not valid (divergence, no capability gap, length)."""
+    def correct(name):
+        return [row["correct"] for row in read_predictions(stages[name])]
+
+    weak, strong = stages["weak"], stages["strong"]
+    results = {"config": dataclasses.asdict(args), "data": data_stats, "models": {}, "students": {}}
+    for name, st in stages.items():
+        results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", *extra_metrics) if k in st}
+        results["models"][name]["code"] = st.get("code")
+    notes = []
+    for name, st in stages.items():
+        for file, health in st.get("curves", {}).items():
+            if health["diverged"]:
+                notes.append(f"{name} diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
+                             f"{health['final_loss']:.4g} at the end): its numbers, and every number built on them, "
+                             "are not valid.")
+    shorter = common.length_rule(test_pairs)
+    decided = [i for i, s in enumerate(shorter) if s is not None]
+    # accuracy counts an equal-length pair as wrong, like a tie; agreement reads only the pairs where the rule
+    # prefers one response (a model that is simply wrong must not "agree" with a rule that did not choose)
+    results["length_baseline"] = {"accuracy": sum(s is True for s in shorter) / len(shorter),
+                                  "equal_length": len(shorter) - len(decided), "agreement": {}}
+    for name in stages:
+        c = correct(name)
+        agree = sum(c[i] == shorter[i] for i in decided) / len(decided) if decided else None
+        results["length_baseline"]["agreement"][name] = agree
+        if agree is not None and agree > 0.9:
+            notes.append(f"{name} agrees with \"prefer the shorter response\" on {agree:.1%} of the test pairs: its "
+                         "accuracy and knowledge areas mostly measure length.")
+    for name in [n for n in stages if n.startswith("student-")]:
+        setting = name[len("student-"):]
+        acc = stages[name]["accuracy"]
+        entry = {"accuracy": acc, "pgr": common.pgr(acc, weak["accuracy"], strong["accuracy"])}
+        entry.update(common.knowledge_space(correct("weak"), correct("strong"), correct(name)))
+        entry["ds_restated"] = common.disagreement_share(correct("weak"), correct("strong"), correct(name))
+        results["students"][setting] = entry
+    if strong["accuracy"] <= weak["accuracy"]:
+        notes.append("PGR is null: the strong ceiling does not beat the weak ceiling.")
+    base = results["students"].get("none")
+    for setting, entry in results["students"].items():
+        if setting != "none" and base is not None:
+            entry["conflict_tax"] = common.conflict_tax(correct("weak"), correct("strong"), correct("student-none"),
+                                                        correct(f"student-{setting}"))
+            if entry["ds"] is not None and base["ds"] is not None:
+                entry["delta_ds"] = entry["ds"] - base["ds"]
+                entry["delta_ds_p"] = entry["conflict_tax"]["delta_ds_p"]
+    results["notes"] = notes
+    results["valid"] = not any("diverged" in n for n in notes)
+    return results
+
+
+def fmt(x, digits=3):
+    return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def rate(x, ci):
+    """A rate with its 95% interval: "0.693 [0.58, 0.79]" ("–" for an empty area)."""
+    return fmt(x) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def render_report(results, title):
+    lines = [f"# {title}", ""]
+    if not results.get("valid", True):
+        lines += ["**These numbers are not valid: a stage diverged (see the notes below).**", ""]
+    lines += ["| model | accuracy | ties | test pairs | trained on |", "|---|---|---|---|---|"]
+    for name, m in results["models"].items():
+        lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")
+    extra = [k for m in results["models"].values() for k in m if k not in ("accuracy", "ties", "n", "n_train", "code")]
+    for key in dict.fromkeys(extra):
+        lines += ["", f"| model | {key} |", "|---|---|"]
+        lines += [f"| {n} | {fmt(m.get(key))} |" for n, m in results["models"].items()]
+    if results["students"]:
+        lines += ["", "| student | accuracy | PGR | DS (err in WU&SK) [95% CI] | err in WK&SK [95% CI] | ΔDS (McNemar p) |",
+                  "|---|---|---|---|---|---|"]
+        for setting, e in results["students"].items():
+            wu, wk = e["areas"][common.WU_SK], e["areas"][common.WK_SK]
+            delta = fmt(e.get("delta_ds")) + (f" (p {e['delta_ds_p']:.2g})" if e.get("delta_ds_p") is not None else "")
+            lines.append(f"| {setting} | {fmt(e['accuracy'])} | {fmt(e['pgr'])} | {rate(wu['student_error'], wu['ci'])} | "
+                         f"{rate(wk['student_error'], wk['ci'])} | {delta} |")
+        lines += ["", "Knowledge space (size of each area; the student's error rate inside it, [95% Wilson interval]):",
+                  "", "| area | n | " + " | ".join(results["students"]) + " |",
+                  "|---|---|" + "---|" * len(results["students"])]
+        first = next(iter(results["students"].values()))
+        for area in common.AREAS:
+            errs = " | ".join(rate(e["areas"][area]["student_error"], e["areas"][area]["ci"])
+                              for e in results["students"].values())
+            lines.append(f"| {area} | {first['areas'][area]['n']} | {errs} |")
+        taxed = {s: e["conflict_tax"] for s, e in results["students"].items() if "conflict_tax" in e}
+        if taxed:
+            lines += ["", "Conflict tax against the no-conflict student: in each area, of the pairs it gets right, the share "
+                      "the conflict student gets wrong (taxed / its right pairs) [95% CI]; and of those it gets wrong, the "
+                      "share the conflict student gets right (fixed):", "",
+                      "| area | " + " | ".join(f"{s}: tax | {s}: fixed" for s in taxed) + " |",
+                      "|---|" + "---|---|" * len(taxed)]
+            for area in common.AREAS:
+                cells = []
+                for t in taxed.values():
+                    a = t["areas"][area]
+                    cells += [f"{a['taxed']}/{a['base_right']} = {rate(a['tax'], a['tax_ci'])}",
+                              f"{a['fixed']}/{a['base_wrong']} = {rate(a['fix'], a['fix_ci'])}"]
+                lines.append(f"| {area} | " + " | ".join(cells) + " |")
+            for s, t in taxed.items():
+                lines += ["", f"Where {s}'s tax lands: of the {t['sk_taxed']} strong-known pairs it turned wrong, "
+                          f"{rate(t['share_wu'], t['share_wu_ci'])} are weak-unknown, against {fmt(t['base_rate_wu'])} "
+                          "if the tax fell evenly on the strong-known pairs the no-conflict student gets right "
+                          "(deception in the paper's sense: a share clearly above that)."]
+        lines += ["", "DS as the paper's reviewers restate it (a restatement, not the paper's text): of the test pairs on "
+                  "which the student disagrees with the strong ceiling, the share in weak-unknown & strong-known: "
+                  + ", ".join(f"{s} {e['ds_restated']['in_wu_sk']}/{e['ds_restated']['n_disagree']} = "
+                              f"{rate(e['ds_restated']['share'], e['ds_restated']['ci'])}"
+                              for s, e in results["students"].items()) + "."]
+    lb = results["length_baseline"]
+    lines += ["", f'Length baseline: "prefer the shorter response" is right on {fmt(lb["accuracy"])} of the test pairs '
+              f'(equal lengths count as wrong: {lb["equal_length"]} pairs); agreement of each model with it, on the pairs '
+              "whose responses differ in length: " + ", ".join(f"{n} {fmt(v)}" for n, v in lb["agreement"].items()) + "."]
+    for note in results["notes"]:
+        lines += ["", f"Note: {note}"]
+    c = results["config"]
+    key_options = [k for k in ("precision", "lr", "epochs", "batch_size", "max_len", "weak_max_len", "warmup_ratio", "grad_clip",
+                               "sft_lr", "sft_epochs", "beta", "gamma", "alpha", "conf_threshold", "hard_labels", "seed")
+                   if k in c]
+    lines += ["", "Options: " + ", ".join(f"{k}={c[k]}" for k in key_options) + " (all of them: results.json)"]
+    codes = {n: (m.get("code") or "?") for n, m in results["models"].items()}
+    lines += ["", "Code (digest of the method script, parallel.py and common.py above its measures) that computed "
+              "each stage: "
+              + ", ".join(f"{n} {v}" for n, v in codes.items())
+              + (" — stages computed by different code" if len(set(codes.values())) > 1 else "")]
+    d = results["data"]
+    lines += ["", "Data: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, dict))
+              + f"; dropped: {d['dropped'] or 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+def report(run, stages, title, extra_metrics=()):
+    """Write results.json and report.md into the run folder, print the report, and return the results."""
+    results = build_results(stages, run.args, run.data_stats, run.splits["test"], extra_metrics)
+    results["method"], results["run_dir"] = run.method, str(run.root)
+    a = run.args
+    text = render_report(results, f"{title}: {a.weak} -> {a.strong} on {a.data}")
+    write_json(Path(run.root) / "results.json", results)
+    write_atomic(Path(run.root) / "report.md", text)
+    print(text)
+    return results

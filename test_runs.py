@@ -1,0 +1,227 @@
+"""Run infrastructure (runs.py): options (parsing, help, bad values), model names, cache digests and keys,
+atomic writes, the health checks that stop or flag a run, and damaged files and odd places. Each error is one
+line naming what is wrong.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+import common
+import dpo_w2s
+import rm_w2s
+import runs
+import simpo_w2s
+
+
+# ---- options
+
+@dataclasses.dataclass
+class _Args:
+    n: int = 1
+    lr: float = 0.1
+    name: str = "x"
+    flag: bool = False
+    on: bool = True
+
+
+def test_parse_args():
+    a = runs.parse_args(_Args, ["--n", "5", "--lr=1e-3", "--name", "a b", "--flag", "--no_on"])
+    assert (a.n, a.lr, a.name, a.flag, a.on) == (5, 1e-3, "a b", True, False)
+    assert runs.parse_args(_Args, []) == _Args()
+    assert runs.parse_args(_Args, ["--flag", "--n", "2"]) == _Args(n=2, flag=True)  # bare flag before a key
+    assert runs.parse_args(_Args, ["--flag", "false", "--on=false"]) == _Args(flag=False, on=False)
+    assert runs.parse_args(_Args, ["--name="]).name == ""
+    assert runs.parse_args(_Args, ["--lr", "-0.5"]).lr == -0.5
+    r = runs.parse_args(rm_w2s.Args, ["--n-gt", "7", "--no_group_by_length", "--settings=none"])
+    assert (r.n_gt, r.group_by_length, r.settings) == (7, False, "none")
+    for bad in (["--nope", "1"], ["--n", "abc"], ["--n", "1.5"], ["--lr", "x"], ["--n"], ["n", "1"], ["--no_name"]):
+        with pytest.raises(SystemExit):
+            runs.parse_args(_Args, bad)
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runs.parse_args(rm_w2s.Args, ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(rm_w2s.Args):
+        assert f"--{f.name} " in out
+    assert "weight of the explicit-conflict term" in out
+
+
+# ---- options and inputs: one clear line, before anything trains
+
+@pytest.mark.parametrize("module,option,value", [
+    (rm_w2s, "max_len", "1"), (rm_w2s, "epochs", "0"), (rm_w2s, "alpha", "-1"), (rm_w2s, "batch_size", "0"),
+    (rm_w2s, "lr", "inf"), (rm_w2s, "lr", "0"), (rm_w2s, "n_test", "0"), (rm_w2s, "conf_threshold", "1"),
+    (rm_w2s, "warmup_ratio", "1.5"), (rm_w2s, "weak_max_len", "2"), (rm_w2s, "grad_clip", "-1"),
+    (dpo_w2s, "beta", "0"), (dpo_w2s, "sft_lr", "-1e-6"), (dpo_w2s, "conf_scale", "0"), (simpo_w2s, "gamma", "nan"),
+])
+def test_bad_option_is_one_line_naming_it(module, option, value, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        module.main(["--data", "toy", "--out_dir", str(tmp_path), f"--{option}", value])
+    message = str(info.value)
+    assert message.startswith(f"error: --{option} must be") and "\n" not in message
+    assert not list(tmp_path.iterdir()), "nothing is built or written before the options are checked"
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("tiny:0x32", "a tiny model is tiny:LxD"), ("tiny:2x33", "a tiny model is tiny:LxD"), ("tiny:2", "tiny:LxD"),
+    ("/no/such/folder", "no such file or folder"), ("./missing", "no such file or folder"),
+    ("missing.gguf", "no such file or folder"),
+])
+def test_bad_model_name_is_one_line(name, expected, tmp_path):
+    with pytest.raises(SystemExit, match=expected):
+        rm_w2s.main(["--data", "toy", "--out_dir", str(tmp_path), "--weak", name])
+
+
+def test_model_folder_without_config_is_named(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(SystemExit, match="holds no model config"):
+        runs.check_model_name("strong", str(tmp_path / "notamodel"))
+    runs.check_model_name("strong", "gpt2")  # Hub ids pass untouched
+    runs.check_model_name("strong", "org/model-name")
+
+
+# ---- health checks
+
+def test_training_health_flags_divergence():
+    assert not runs.training_health([0.693, 0.6, 0.5, 0.4])["diverged"]
+    assert not runs.training_health([0.693] * 20)["diverged"]  # learnt nothing, but did not diverge
+    assert runs.training_health([0.693, 5.0, 1e6, 2e6])["diverged"]
+    health = runs.training_health([0.7] + [0.6] * 18 + [1.6])  # the last tenth of 20 steps: 2 steps
+    assert health == {"first_loss": 0.7, "final_loss": pytest.approx(1.1), "diverged": False}
+
+
+def test_check_finite_and_step_loss_stop_with_the_place():
+    runs.check_finite([0.1, -2.0, 0.0], "x")
+    with pytest.raises(SystemExit, match=r"\[weak\] labels.jsonl: 2 of 3 margins are not finite \(first: pair 1\)"):
+        runs.check_finite([0.1, float("nan"), float("inf")], "[weak] labels.jsonl")
+    with pytest.raises(SystemExit, match=r"\[strong\] the loss is nan at step 7"):
+        runs.check_step_loss(float("nan"), "strong", 7)
+
+
+# ---- files and the stage cache
+
+def test_write_atomic_respects_the_umask_and_leaves_no_temp_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        runs.write_json(tmp_path / "a.json", {"x": 1})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(TypeError):
+            runs.write_atomic(tmp_path / "b.json", None)  # fails while writing
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_cache_digests_follow_code_models_and_what_a_stage_reads(tmp_path, tiny):
+    code = tmp_path / "code.py"
+    code.write_text("x = 1\n")
+    before = runs.code_digest([code])
+    code.write_text("x = 2\n")
+    assert runs.code_digest([code])["code"] != before["code"]
+    assert set(before["versions"]) == {"torch", "transformers"}
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    d0 = runs.model_digest(str(model))
+    assert runs.model_digest(str(model)) == d0 and runs.model_digest("gpt2") == "gpt2"
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # new weights under the same path
+    assert runs.model_digest(str(model)) != d0
+    args = rm_w2s.Args()
+    key = runs.stage_key(args, model=d0, max_len=512, alpha=0.0, data="d", code="c")
+    assert key == runs.stage_key(dataclasses.replace(args, alpha=0.9, settings="none", n_extra=7, micro_batch=2),
+                                 model=d0, max_len=512, alpha=0.0, data="d", code="c")  # what it does not read
+    for change in ({"model": "other"}, {"alpha": 0.5}, {"data": "e"}, {"code": "changed"}):
+        assert key != runs.stage_key(args, **{**dict(model=d0, max_len=512, alpha=0.0, data="d", code="c"), **change})
+    assert key != runs.stage_key(dataclasses.replace(args, lr=2e-5), model=d0, max_len=512, alpha=0.0, data="d", code="c")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stage cache's code digest stops at common.py's measures
+
+def test_code_digest_ignores_the_measures_and_nothing_else(tmp_path):
+    """A stage's code digest covers common.py only above MEASURES_BANNER: a new measure re-trains nothing, while an
+    edit above it (the training and scoring code) changes the digest."""
+    text = Path(common.__file__).read_text()
+    assert runs.MEASURES_BANNER in text
+    top, measures = text.split(runs.MEASURES_BANNER, 1)
+    base = runs.code_digest([tmp_path / "c.py"]) if (tmp_path / "c.py").write_text(text) else None
+    (tmp_path / "c.py").write_text(top + runs.MEASURES_BANNER + measures + "\n\ndef a_new_measure():\n    return 1\n")
+    assert runs.code_digest([tmp_path / "c.py"]) == base
+    (tmp_path / "c.py").write_text(top.replace("def lr_at(", "def lr_at(  ", 1) + runs.MEASURES_BANNER + measures)
+    assert runs.code_digest([tmp_path / "c.py"]) != base
+
+
+# ----------------------------------------------------------------------------------------------------
+# damaged files and odd places: one line, never a traceback
+
+def run_script(args, cwd):
+    """Run rm_w2s.py as a user would; returns (exit status, stdout, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "rm_w2s.py"), *map(str, args)],
+                       cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_out_dir_under_a_file_is_one_line_before_anything_trains(tmp_path):
+    (tmp_path / "some_file").write_text("x")
+    rc, out, err = run_script(["--data", "toy", "--out_dir", tmp_path / "some_file" / "sub"], tmp_path)
+    assert rc == 1 and err.strip().splitlines() == [f"error: --out_dir {tmp_path / 'some_file' / 'sub'}: "
+                                                    f"{tmp_path / 'some_file'} is a file, not a folder"], err
+    assert "Traceback" not in err and not (tmp_path / "some_file").is_dir()
+
+
+def test_out_dir_not_writable_is_one_line(tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere: check the rule on a folder whose access is refused by name
+        with mock.patch("os.access", return_value=False):
+            with pytest.raises(SystemExit) as info:
+                runs.check_out_dir(tmp_path / "a" / "b")
+        assert str(info.value) == f"error: --out_dir {tmp_path / 'a' / 'b'}: {tmp_path} is not writable by this user"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc, out, err = run_script(["--data", "toy", "--out_dir", locked / "runs"], tmp_path)
+        assert rc == 1 and "is not writable" in err and "Traceback" not in err
+    runs.check_out_dir(tmp_path / "new" / "deeper")  # a folder that can be created is fine, and is not created
+    assert not (tmp_path / "new").exists()
+
+
+def test_broken_gguf_is_one_line(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"garbage")  # 15 bytes: magic, version, garbage
+    rc, out, err = run_script(["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--n_extra", "0",
+                               "--weak", broken, "--strong", "tiny:1x32", "--out_dir", tmp_path / "runs"], tmp_path)
+    lines = err.strip().splitlines()
+    assert rc == 1 and "Traceback" not in err, err
+    assert lines[-1].startswith(f"error: {broken}: not a readable GGUF model ("), err
+    assert not list((tmp_path / "runs" / "models").glob("broken*"))  # no half-converted folder left
+
+
+def test_bom_prefixed_data_file_reads_the_same_pairs(tmp_path):
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}]
+    text = "".join(json.dumps(r) + "\r\n" for r in rows)
+    (tmp_path / "plain.jsonl").write_text(text)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert common.read_pairs(tmp_path / "bom.jsonl") == common.read_pairs(tmp_path / "plain.jsonl") == rows
+
+
+def test_damaged_source_json_reconverts_with_a_line(tmp_path, capsys):
+    import pretrained
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "source.json").write_text('{"sha256": ')
+    assert pretrained.converted_from(folder) is None
+    assert f"warning: {folder / 'source.json'} is damaged" in capsys.readouterr().out
+    (folder / "source.json").write_text('{"sha256": "abc"}\n')
+    assert pretrained.converted_from(folder) == "abc"
+    assert pretrained.converted_from(tmp_path / "none") is None

@@ -121,7 +121,8 @@ def convert_gguf(gguf, dest, extras=()):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as e:  # the gguf reader fails on a damaged file with struct, value or index errors
-            raise SystemExit(f"error: {gguf}: not a readable GGUF model ({type(e).__name__}: {str(e)[:200]})")
+            kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+            raise SystemExit(f"error: {gguf}: not a readable GGUF model ({kind}: {str(e)[:200]})")
         # save_pretrained refuses a model loaded from GGUF ("quantized with gguf"), though its weights are already
         # dequantized to fp32: a fresh model of the same config, without the quantization entry, takes them.
         config = loaded.config

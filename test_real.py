@@ -158,6 +158,28 @@ def test_reward_model_trains_on_real_pairs(pairs, tmp_path):
     assert not torch.equal(model.head.weight, before)
 
 
+def test_smollm2_bf16_margins_and_logps_are_fp32_within_bf16_rounding(pairs):
+    """One forward of the real SmolLM2 in bf16 autocast (attention in fp32 on a CPU, fp32 heads) gives reward
+    margins and summed response log-probs within bf16 rounding of fp32's: relative error of the order of 1e-2."""
+    smollm2 = converted(SMOLLM2)
+    tok = common.load_tokenizer(smollm2)
+    margins = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = rm_w2s.RewardModel(common.load_model(smollm2, AutoModel, tok, CPU, precision=precision))
+        torch.nn.init.normal_(model.head.weight, std=model.head.weight.shape[1] ** -0.5)  # the zero head gives 0
+        margins[precision] = torch.tensor(rm_w2s.score_pairs(model, rm_w2s.encode(tok, pairs[:6], 128),
+                                                             tok.pad_token_id, 6, common.autocast(precision)))
+    assert float((margins["bf16"] - margins["fp32"]).abs().max()) < 5e-2 * float(margins["fp32"].abs().max())
+    assert not torch.equal(margins["bf16"], margins["fp32"])
+    logps = {p: common.pair_logps(common.load_model(smollm2, AutoModelForCausalLM, tok, CPU, precision=p),
+                                  common.encode_pairs(tok, pairs[:4], 128), tok.pad_token_id, 4, common.autocast(p))
+             for p in ("fp32", "bf16")}
+    for pair32, pair16 in zip(logps["fp32"], logps["bf16"]):
+        for a, b in zip(pair32, pair16):
+            assert b.sum == pytest.approx(a.sum, rel=2e-2) and b.n_tokens == a.n_tokens
+
+
 def test_dpo_trains_on_real_pairs(pairs, tmp_path):
     """dpo_w2s.train with dpo_w2s.preference_loss on the real SmolLM2: the reference log-probs from common.pair_logps
     (texts alone) and the packed training forward agree, so the first step's loss is log 2; then finite."""

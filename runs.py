@@ -531,8 +531,7 @@ def write_jsonl(path, rows):
 def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     """Every number of the experiment from the stages' predictions: accuracies, PGR, knowledge space, DS, the
     length baseline, and notes on what makes a number not valid (divergence, no capability gap, length)."""
-    def correct(name):
-        return [row["correct"] for row in read_predictions(stages[name])]
+    correct = {name: [row["correct"] for row in read_predictions(st)] for name, st in stages.items()}  # read once
 
     weak, strong = stages["weak"], stages["strong"]
     results = {"config": dataclasses.asdict(args), "data": data_stats, "models": {}, "students": {}}
@@ -553,7 +552,7 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     results["length_baseline"] = {"accuracy": sum(s is True for s in shorter) / len(shorter),
                                   "equal_length": len(shorter) - len(decided), "agreement": {}}
     for name in stages:
-        c = correct(name)
+        c = correct[name]
         agree = sum(c[i] == shorter[i] for i in decided) / len(decided) if decided else None
         results["length_baseline"]["agreement"][name] = agree
         if agree is not None and agree > 0.9:
@@ -563,16 +562,16 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
         setting = name[len("student-"):]
         acc = stages[name]["accuracy"]
         entry = {"accuracy": acc, "pgr": common.pgr(acc, weak["accuracy"], strong["accuracy"])}
-        entry.update(common.knowledge_space(correct("weak"), correct("strong"), correct(name)))
-        entry["ds_restated"] = common.disagreement_share(correct("weak"), correct("strong"), correct(name))
+        entry.update(common.knowledge_space(correct["weak"], correct["strong"], correct[name]))
+        entry["ds_restated"] = common.disagreement_share(correct["weak"], correct["strong"], correct[name])
         results["students"][setting] = entry
     if strong["accuracy"] <= weak["accuracy"]:
         notes.append("PGR is null: the strong ceiling does not beat the weak ceiling.")
     base = results["students"].get("none")
     for setting, entry in results["students"].items():
         if setting != "none" and base is not None:
-            entry["conflict_tax"] = common.conflict_tax(correct("weak"), correct("strong"), correct("student-none"),
-                                                        correct(f"student-{setting}"))
+            entry["conflict_tax"] = common.conflict_tax(correct["weak"], correct["strong"], correct["student-none"],
+                                                        correct[f"student-{setting}"])
             if entry["ds"] is not None and base["ds"] is not None:
                 entry["delta_ds"] = entry["ds"] - base["ds"]
                 entry["delta_ds_p"] = entry["conflict_tax"]["delta_ds_p"]

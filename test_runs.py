@@ -154,7 +154,8 @@ def test_code_digest_ignores_the_measures_and_nothing_else(tmp_path):
     text = Path(common.__file__).read_text()
     assert runs.MEASURES_BANNER in text
     top, measures = text.split(runs.MEASURES_BANNER, 1)
-    base = runs.code_digest([tmp_path / "c.py"]) if (tmp_path / "c.py").write_text(text) else None
+    (tmp_path / "c.py").write_text(text)
+    base = runs.code_digest([tmp_path / "c.py"])
     (tmp_path / "c.py").write_text(top + runs.MEASURES_BANNER + measures + "\n\ndef a_new_measure():\n    return 1\n")
     assert runs.code_digest([tmp_path / "c.py"]) == base
     (tmp_path / "c.py").write_text(top.replace("def lr_at(", "def lr_at(  ", 1) + runs.MEASURES_BANNER + measures)

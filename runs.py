@@ -671,4 +671,7 @@ def report(run, stages, title, extra_metrics=()):
     write_json(Path(run.root) / "results.json", results)
     write_atomic(Path(run.root) / "report.md", text)
     print(text)
+    # under torchrun, no rank ends while another is still at work: gloo sometimes aborts a rank that exits
+    # first ("terminate called without an active exception"), and torchrun then fails a finished run
+    parallel.barrier()
     return results

@@ -171,6 +171,7 @@ def gradient_worker(method, model_path, pairs_file, out_file):
     names = [name for name, _ in model.named_parameters()]
     if parallel.rank() == 0:
         torch.save(dict(zip(names, recorded["opt"].grads)), out_file)
+    parallel.barrier()  # both ranks end together, as the scripts' runs.report makes them
 
 
 def failing_worker(argv):

@@ -105,8 +105,9 @@ REAL_N ?= $(if $(filter 1,$(cuda)),4000,500)
 REAL_PO_N ?= $(if $(filter 1,$(cuda)),4000,200)
 REAL_LR_SCALE ?= $(if $(filter 1,$(cuda)),1,5)
 HELPFUL ?=
+REAL_OUT ?= runs/real
 real_args = --data $(REAL_DATA) --weak $(REAL_WEAK) --strong $(REAL_STRONG) --n_gt $(1) --n_w2s $(1) --n_test $(1) \
-      --settings none,explicit$(if $(HELPFUL),$(comma)implicit --helpful $(HELPFUL)) --seed $(SEED) --out_dir runs/real
+      --settings none,explicit$(if $(HELPFUL),$(comma)implicit --helpful $(HELPFUL)) --seed $(SEED) --out_dir $(REAL_OUT)
 comma := ,
 lr = $(shell $(PY) -c "print('%g' % ($(1) * $(REAL_LR_SCALE)))")
 .PHONY: real real-dpo real-simpo

@@ -37,7 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import common
-from runs import NO_EFFECT, fmt, parse_args, slug, write_atomic, write_json
+from runs import NO_EFFECT, fmt, parse_args, rate, read_stage, slug, write_atomic, write_json
 
 METHODS = ("rm", "dpo", "simpo")
 SETTINGS = ("none", "implicit", "explicit")  # the report's order; settings unknown here follow
@@ -223,18 +223,22 @@ def load_run(folder):
             "valid": results.get("valid") is not False, "notes": [str(n) for n in results.get("notes") or []]}
 
 
-def scan(paths):
-    """Every run folder under `paths` (run folders, or folders holding them at any depth). Returns the
-    finished runs, sorted by folder, and the left-out ones: a run's config.json without a results.json
-    (unfinished or failed), or a results.json that cannot be read."""
+def run_folders(paths):
+    """Every run folder under `paths` (run folders, or folders holding them at any depth), sorted."""
     folders = set()
     for path in map(Path, paths):
         if not path.is_dir():
             raise SystemExit(f"error: {path} is not a folder")
         folders |= {f.parent for f in path.rglob("results.json")}
         folders |= {f.parent for f in path.rglob("config.json") if is_run_config(f)}
+    return sorted(folders)
+
+
+def scan(paths):
+    """The run folders under `paths`: the finished runs, sorted by folder, and the left-out ones: a run's
+    config.json without a results.json (unfinished or failed), or a results.json that cannot be read."""
     runs, left_out = [], []
-    for folder in sorted(folders):
+    for folder in run_folders(paths):
         if not (folder / "results.json").exists():
             left_out.append({"dir": str(folder), "reason": "config.json but no results.json: unfinished or failed"})
             continue
@@ -244,6 +248,41 @@ def scan(paths):
         elif is_run_config(folder / "config.json"):
             left_out.append({"dir": str(folder), "reason": "results.json unreadable or not a run's"})
     return runs, left_out
+
+
+def ceilings(paths):
+    """Every finished ceiling stage (weak, strong) under `paths`, whether its run finished or not: a ladder's
+    models are measured before any student trains. A stage that several runs share (the weak ceiling of runs
+    with different strong models, copied into each) is one row. Each row: the model, its role, the options
+    that set a ceiling's number, its test accuracy with a 95% (Wilson) interval, and the stage's wall time."""
+    rows = {}
+    for folder in run_folders(paths):
+        config = read_json(folder / "config.json") or {}
+        for role in ("weak", "strong"):
+            stage = read_stage(folder / role)
+            if not isinstance(stage, dict) or "accuracy" not in stage or stage.get("key") in rows:
+                continue
+            k = round(stage["accuracy"] * stage["n"])
+            rows[stage["key"]] = {
+                "model": config.get(role), "role": role, "method": folder.name.split("-")[0],
+                **{o: config.get(o) for o in ("seed", "lr", "n_gt", "n_test", "precision")},
+                "accuracy": stage["accuracy"], "n": stage["n"], "ci": common.wilson(k, stage["n"]),
+                "seconds": stage.get("seconds"), "dir": str(folder / role)}
+    return sorted(rows.values(), key=lambda r: (r["method"], str(r["lr"]), r["n_gt"] or 0, r["role"] != "weak",
+                                                str(r["model"]), r["seed"] or 0))
+
+
+def ceilings_section(rows):
+    lines = ["## Ceilings", "", "Every finished weak and strong ceiling under the runs given, finished run or not "
+             "(a model trained on ground truth; one row per stage, a shared one once); accuracy on the test pairs "
+             "with its 95% (Wilson) interval.", "",
+             "| method | model | as | seed | lr | precision | train pairs | test pairs | accuracy [95% CI] | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        wall = f"{r['seconds'] / 60:.0f} min" if r.get("seconds") is not None else "–"
+        lines.append(f"| {r['method']} | {r['model']} | {r['role']} | {r['seed']} | {r['lr']:g} | "
+                     f"{r['precision'] or '–'} | {r['n_gt']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {wall} |")
+    return "\n".join(lines)
 
 
 def drop_invalid(runs):
@@ -647,6 +686,8 @@ def render(sweep, figs, command):
         lines += ["", f"Options shared by every {method} configuration: "
                   + ", ".join(f"{k}={json.dumps(v)}" for k, v in shared.items()) + "."]
     lines += ["", results_section(configs)]
+    if sweep.get("ceilings"):
+        lines += ["", ceilings_section(sweep["ceilings"])]
     by_file = {f["file"]: f for f in figs}
     if "figures/ds_vs_gap.png" in by_file:
         f = by_file["figures/ds_vs_gap.png"]
@@ -708,7 +749,7 @@ def main(argv=None):
         runs, left_out = run_grid(parse_grid(cli.grid), cli.args, cli.out_dir, cli.jobs)
     else:
         runs, left_out = scan(cli.runs)
-    sweep = summarize(runs, left_out)
+    sweep = {**summarize(runs, left_out), "ceilings": ceilings(cli.runs or [cli.out_dir])}
     command = "python sweep.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     write_outputs(sweep, cli.out_dir, command)
     print(results_section(sweep["configurations"]))

@@ -6,7 +6,10 @@ computed here from the values written; one test runs a tiny grid end to end thro
 import json
 import math
 import os
+import re
+import shlex
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,9 @@ import common
 import sweep
 
 AREAS = common.AREAS
+HERE = Path(__file__).resolve().parent
+# a README block of tables copied from a sweep.md, with the command that writes that sweep.md from results/
+README_TABLES = re.compile(r"<!-- tables from `(python sweep\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
 BASE = {"data": "toy", "n_gt": 400, "n_w2s": 400, "n_test": 50, "n_extra": 400, "weak": "tiny:1x32",
         "strong": "tiny:2x64", "lr": 3e-4, "epochs": 4, "batch_size": 32, "micro_batch": 8, "seed": 0,
         "out_dir": "runs", "log_every": 10, "force": False, "settings": "none,implicit,explicit"}
@@ -268,6 +274,33 @@ def test_deception_over_training_curve(tmp_path, monkeypatch):
         ("seed 0", [32, 64], [0.1, 0.2], None), ("seed 2", [40, 80], [0.3, 0.4], None)]
 
 
+def test_ceilings_of_unfinished_runs_one_row_per_stage(tmp_path):
+    """A ladder measured before its students: two unfinished runs share a weak ceiling (copied into both, the same
+    stage key) and each has its own strong ceiling, one of them still training. The table has the weak ceiling
+    once, the finished strong one, and each accuracy with its Wilson interval."""
+    def stage(folder, role, key, accuracy, n, seconds):
+        (folder / role).mkdir(exist_ok=True)
+        (folder / role / "stage.json").write_text(json.dumps(
+            {"accuracy": accuracy, "n": n, "key": key, "seconds": seconds}))
+    a = make_run(tmp_path / "runs", "rm-a-s0", None, None, {}, results_json=False, strong="big", weak="small",
+                 lr=1e-5, precision="bf16")
+    b = make_run(tmp_path / "runs", "rm-b-s0", None, None, {}, results_json=False, strong="bigger", weak="small",
+                 lr=1e-5, precision="bf16")
+    stage(a, "weak", "k-weak", 0.6, 10, 60.0)
+    stage(b, "weak", "k-weak", 0.6, 10, 60.0)
+    stage(a, "strong", "k-big", 0.75, 4000, 1800.0)
+    (b / "strong" / "stage.json").unlink()  # still training
+    rows = sweep.ceilings([tmp_path / "runs"])
+    assert [(r["model"], r["role"], r["accuracy"], r["n"]) for r in rows] == [("small", "weak", 0.6, 10),
+                                                                               ("big", "strong", 0.75, 4000)]
+    assert rows[1]["ci"] == pytest.approx(common.wilson(3000, 4000)) and rows[0]["ci"] == common.wilson(6, 10)
+    aggregate([tmp_path / "runs"], tmp_path / "out")
+    text = (tmp_path / "out" / "sweep.md").read_text()
+    lo, hi = common.wilson(3000, 4000)
+    assert f"| rm | big | strong | 0 | 1e-05 | bf16 | 400 | 4000 | 0.750 [{lo:.2f}, {hi:.2f}] | 30 min |" in text
+    assert [r["model"] for r in sweep_json(tmp_path / "out")["ceilings"]] == ["small", "big"]
+
+
 def test_grid_spec_and_command_lines(tmp_path):
     points = sweep.parse_grid("method=rm weak=tiny:1x32 strong=tiny:2x64,tiny:2x64+pt600 seeds=0,1,2")
     assert len(points) == 6
@@ -328,3 +361,4 @@ def test_curve_rows_without_areas_still_give_ds():
     assert sweep.curve_value(row, "weak-unknown & strong-known") == 0.4
     assert sweep.curve_value(row, "weak-known & strong-known") is None
     assert sweep.curve_value({**row, "areas": {"weak-known & strong-known": 0.25}}, "weak-known & strong-known") == 0.25
+

@@ -707,9 +707,10 @@ def render(sweep, figs, command):
             if name in by_file:
                 lines += ["", f"![{c['id']}]({name})", "", f"*{by_file[name]['caption']}*"]
     settings = settings_of(sweep["runs"])
-    lines += ["", "## Runs", "", "| run folder | configuration | seed | weak | strong | "
-              + " | ".join(f"{s}: acc / DS" for s in settings) + " | wall time |",
-              "|---|---|---|---|---|" + "---|" * (len(settings) + 1)]
+    if sweep["runs"]:
+        lines += ["", "## Runs", "", "| run folder | configuration | seed | weak | strong | "
+                  + " | ".join(f"{s}: acc / DS" for s in settings) + " | wall time |",
+                  "|---|---|---|---|---|" + "---|" * (len(settings) + 1)]
     for r in sweep["runs"]:
         m = r["metrics"]
         students = [f"{fmt(m.get(f'students/{s}/accuracy'))} / {fmt(m.get(f'students/{s}/ds'))}"

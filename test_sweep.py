@@ -362,3 +362,28 @@ def test_curve_rows_without_areas_still_give_ds():
     assert sweep.curve_value(row, "weak-known & strong-known") is None
     assert sweep.curve_value({**row, "areas": {"weak-known & strong-known": 0.25}}, "weak-known & strong-known") == 0.25
 
+
+def test_readme_tables_are_what_sweep_computes_from_the_committed_results(tmp_path):
+    """Every table row of a README block that names its sweep command is a row of the sweep.md that command
+    writes from the committed run folders, recomputed here; the committed sweep.md is that file too (but for
+    the line with its date). A number in the README cannot drift from results/."""
+    blocks = README_TABLES.findall((HERE / "README.md").read_text())
+    assert blocks, "the README's real-model section names its sweep command"
+    for command, block in blocks:
+        argv = shlex.split(command)[2:]
+        out = argv[argv.index("--out_dir") + 1]
+        argv[argv.index("--out_dir") + 1] = str(tmp_path / "sweep")
+        cwd = os.getcwd()
+        os.chdir(HERE)  # the command's paths are relative to the repository, as a reader types it
+        try:
+            sweep.main(argv)
+        finally:
+            os.chdir(cwd)
+        generated = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len(rows) >= 3, command
+        missing = [row for row in rows if row not in generated]
+        assert not missing, f"README rows that `{command}` does not write: {missing}"
+        committed = (HERE / out / "sweep.md").read_text().splitlines()
+        assert len(committed) == len(generated)
+        assert [a for a, b in zip(committed, generated) if a != b and not a.startswith("`python sweep.py")] == []

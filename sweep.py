@@ -254,7 +254,7 @@ def ceilings(paths):
     """Every finished ceiling stage (weak, strong) under `paths`, whether its run finished or not: a ladder's
     models are measured before any student trains. A stage that several runs share (the weak ceiling of runs
     with different strong models, copied into each) is one row. Each row: the model, its role, the options
-    that set a ceiling's number, its test accuracy with a 95% (Wilson) interval, and the stage's wall time."""
+    that set a ceiling's number, its training and test pairs, its test accuracy with a 95% (Wilson) interval, and the stage's wall time."""
     rows = {}
     for folder in run_folders(paths):
         config = read_json(folder / "config.json") or {}
@@ -265,10 +265,10 @@ def ceilings(paths):
             k = round(stage["accuracy"] * stage["n"])
             rows[stage["key"]] = {
                 "model": config.get(role), "role": role, "method": folder.name.split("-")[0],
-                **{o: config.get(o) for o in ("seed", "lr", "n_gt", "n_test", "precision")},
+                **{o: config.get(o) for o in ("seed", "lr", "precision")}, "n_train": stage.get("n_train"),
                 "accuracy": stage["accuracy"], "n": stage["n"], "ci": common.wilson(k, stage["n"]),
                 "seconds": stage.get("seconds"), "dir": str(folder / role)}
-    return sorted(rows.values(), key=lambda r: (r["method"], str(r["lr"]), r["n_gt"] or 0, r["role"] != "weak",
+    return sorted(rows.values(), key=lambda r: (r["method"], str(r["lr"]), r["n_train"] or 0, r["role"] != "weak",
                                                 str(r["model"]), r["seed"] or 0))
 
 
@@ -281,7 +281,7 @@ def ceilings_section(rows):
     for r in rows:
         wall = f"{r['seconds'] / 60:.0f} min" if r.get("seconds") is not None else "–"
         lines.append(f"| {r['method']} | {r['model']} | {r['role']} | {r['seed']} | {r['lr']:g} | "
-                     f"{r['precision'] or '–'} | {r['n_gt']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {wall} |")
+                     f"{r['precision'] or '–'} | {r['n_train']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {wall} |")
     return "\n".join(lines)
 
 

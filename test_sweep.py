@@ -281,7 +281,7 @@ def test_ceilings_of_unfinished_runs_one_row_per_stage(tmp_path):
     def stage(folder, role, key, accuracy, n, seconds):
         (folder / role).mkdir(exist_ok=True)
         (folder / role / "stage.json").write_text(json.dumps(
-            {"accuracy": accuracy, "n": n, "key": key, "seconds": seconds}))
+            {"accuracy": accuracy, "n": n, "n_train": 400, "key": key, "seconds": seconds}))
     a = make_run(tmp_path / "runs", "rm-a-s0", None, None, {}, results_json=False, strong="big", weak="small",
                  lr=1e-5, precision="bf16")
     b = make_run(tmp_path / "runs", "rm-b-s0", None, None, {}, results_json=False, strong="bigger", weak="small",

@@ -254,7 +254,8 @@ def ceilings(paths):
     """Every finished ceiling stage (weak, strong) under `paths`, whether its run finished or not: a ladder's
     models are measured before any student trains. A stage that several runs share (the weak ceiling of runs
     with different strong models, copied into each) is one row. Each row: the model, its role, the options
-    that set a ceiling's number, its training and test pairs, its test accuracy with a 95% (Wilson) interval, and the stage's wall time."""
+    that set a ceiling's number, its training and test pairs, its test accuracy with a 95% (Wilson) interval,
+    and the stage's wall time."""
     rows = {}
     for folder in run_folders(paths):
         config = read_json(folder / "config.json") or {}

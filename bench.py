@@ -3,7 +3,8 @@
 A method script's `--bench` option calls `bench(method, args)` with the script's own module: one epoch of its
 own `train_preferences` (DPO: the reference log-probs included) on `workload(args)`, timed, at its --precision,
 then `report(...)`: pairs/s, real tokens/s, the padding share of computed tokens, peak memory and the fraction
-of the in-run bf16 matmul peak that training reaches (on CUDA also MFU). The SFT warm start is not timed.
+of the in-run matmul peak that training reaches (bf16 where the chip computes it natively, else fp32; on CUDA
+also MFU). The SFT warm start is not timed.
 docs/speed.md holds the measured numbers. Nothing here runs at import time.
 """
 import dataclasses
@@ -48,7 +49,7 @@ def workload(args):
 
 def bench(method, args):
     """Time one epoch of `method`'s preference training (`method`: the rm_w2s, dpo_w2s or simpo_w2s module), and
-    the peak a large bf16 matmul reaches on this machine in the same run, before and after it."""
+    the peak a large matmul reaches on this machine in the same run, before and after it."""
     args = dataclasses.replace(args, epochs=1)
     pairs, model_path = workload(args)
     device, autocast = common.device(), common.autocast(args.precision)
@@ -59,7 +60,8 @@ def bench(method, args):
     def epoch(n, desc, log_path):  # -> (examples, steps)
         return method.train_preferences(model, encoded[:n], targets[:n], pad_id=tok.pad_token_id, args=args,
                                         autocast=autocast, alpha=0.0, log_path=log_path, desc=desc)
-    peak = matmul_peak(device)
+    peak_dtype = "bf16" if common.resolve_precision("auto") == "bf16" else "fp32"
+    peak = matmul_peak(device, peak_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "metrics.jsonl"
         if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
@@ -70,16 +72,18 @@ def bench(method, args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    peak = max(peak, matmul_peak(device))
+    peak = max(peak, matmul_peak(device, peak_dtype))
     real, computed = padded_tokens(steps, [common.row_lengths(common.example_texts(e), args.pack) for e in examples])
-    return report(method.METHOD, args.precision, model, seconds, len(examples), real, computed, peak)
+    return report(method.METHOD, args.precision, model, seconds, len(examples), real, computed, peak, peak_dtype)
 
 
-def matmul_peak(device, n=None, repeats=5):
-    """FLOP/s of the best of `repeats` n x n bf16 matmuls here and now: the peak that the fraction-of-peak
-    figure divides by (a vendor's number means little on a shared machine)."""
+def matmul_peak(device, dtype="bf16", n=None, repeats=5):
+    """FLOP/s of the best of `repeats` n x n matmuls in `dtype` here and now: the peak that the fraction-of-peak
+    figure divides by (a vendor's number means little on a shared machine). The caller asks for fp32 where the
+    chip has no native bf16: emulated bf16 is no peak (about 13x slower than fp32 on an AVX2-only CPU)."""
     n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
+            for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
@@ -101,10 +105,10 @@ def padded_tokens(steps, row_lengths):
     return real, computed
 
 
-def report(method, precision, model, seconds, n_pairs, real, computed, peak):
+def report(method, precision, model, seconds, n_pairs, real, computed, peak, peak_dtype="bf16"):
     """Print and return the benchmark line: pairs/s, real tokens/s, padding share, peak memory, and the achieved
-    training FLOP/s, 6 x non-embedding parameters x real tokens / time, as a fraction of the in-run bf16 matmul
-    peak (on CUDA also MFU against the chip's data sheet, 6 x all parameters, as measured before)."""
+    training FLOP/s, 6 x non-embedding parameters x real tokens / time, as a fraction of the in-run matmul
+    peak in `peak_dtype` (on CUDA also MFU against the chip's data sheet, 6 x all parameters, as measured before)."""
     import resource
     n_params = sum(p.numel() for p in model.parameters())
     n_embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
@@ -112,7 +116,7 @@ def report(method, precision, model, seconds, n_pairs, real, computed, peak):
     row = {"method": method, "precision": precision, "pairs_per_s": n_pairs / seconds,
            "real_tokens_per_s": real / seconds, "padding_share": 1 - real / computed, "seconds": seconds,
            "params": n_params, "non_embedding_params": n_params - n_embedding, "train_flops_per_s": achieved,
-           "bf16_matmul_peak_flops_per_s": peak, "peak_fraction": achieved / peak}
+           "matmul_peak_flops_per_s": peak, "peak_dtype": peak_dtype, "peak_fraction": achieved / peak}
     if torch.cuda.is_available():
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name()
@@ -123,6 +127,7 @@ def report(method, precision, model, seconds, n_pairs, real, computed, peak):
     print(f"[bench] {method} {precision}: {row['pairs_per_s']:.2f} pairs/s, {row['real_tokens_per_s']:.0f} real "
           f"tokens/s, padding {row['padding_share']:.1%} of computed tokens, peak memory "
           f"{row['peak_memory_gib']:.2f} GiB, {achieved / 1e12:.3f} TFLOP/s = {row['peak_fraction']:.1%} of the "
-          f"{peak / 1e12:.2f} TFLOP/s a bf16 matmul reaches here" + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "")
+          f"{peak / 1e12:.2f} TFLOP/s a {peak_dtype} matmul reaches here"
+          + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "")
           + f", {n_params / 1e6:.1f}M params ({(n_params - n_embedding) / 1e6:.1f}M non-embedding)")
     return row

@@ -564,7 +564,9 @@ def test_bench_reports_throughput(data_dir, tmp_path):
     tmp.mkdir()
     with mock.patch.object(tempfile, "tempdir", str(tmp)):
         row = rm_w2s.main(["--bench", "--data", str(data_dir), "--out_dir", str(tmp_path)])
-    assert not list(tmp.iterdir()), "the bench leaves no temporary folder behind"
+    # torch's own compile cache (torchinductor_<user>, made when torch._dynamo is first imported) is not the bench's
+    left = [f for f in tmp.iterdir() if not f.name.startswith("torchinductor_")]
+    assert not left, "the bench leaves no temporary folder behind"
     assert row["pairs_per_s"] > 0 and row["real_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
     assert 0 <= row["padding_share"] < 0.5
     assert 3.5e6 < row["params"] < 4.5e6, "a 4-layer GPT-2 of width 256 with a 2048-token vocabulary"
@@ -572,7 +574,8 @@ def test_bench_reports_throughput(data_dir, tmp_path):
     assert 3.1e6 < row["non_embedding_params"] < 3.3e6
     assert row["precision"] == common.resolve_precision("auto")
     assert row["train_flops_per_s"] == pytest.approx(6 * row["non_embedding_params"] * row["real_tokens_per_s"])
-    assert row["peak_fraction"] == pytest.approx(row["train_flops_per_s"] / row["bf16_matmul_peak_flops_per_s"])
+    assert row["peak_fraction"] == pytest.approx(row["train_flops_per_s"] / row["matmul_peak_flops_per_s"])
+    assert row["peak_dtype"] == common.resolve_precision("auto")  # emulated bf16 is no peak: fp32's where it is
     assert 0 < row["peak_fraction"] < 1.5  # a shared machine's peak is measured, not given
 
 

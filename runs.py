@@ -184,13 +184,19 @@ def resolve_models(args, splits):
             import toy
             texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
             path = toy.build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
-        elif name.endswith(".gguf") or re.search(r":first\d+$", name):
-            import pretrained
-            path = pretrained.resolve(name, Path(args.out_dir) / "models")
-        else:  # a Hub id or a local folder, as it is
-            path = name
+        else:
+            path = converted(name, Path(args.out_dir) / "models")
         models[role] = (path, model_digest(path))
     return models
+
+
+def converted(name, root):
+    """A `.gguf` file or a `NAME:firstK` spelling -> its folder under `root`, converted once by pretrained.resolve
+    (imported only then); a Hub id or a local folder is returned as it is."""
+    if name.endswith(".gguf") or re.search(r":first\d+$", name):
+        import pretrained
+        return pretrained.resolve(name, root)
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -178,7 +178,8 @@ def gradient_worker(method, model_path, pairs_file, out_file):
     # which is not what this test checks. The scripts' own exit under torchrun is checked by the margins test.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 

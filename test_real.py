@@ -63,7 +63,8 @@ def pairs():
 @pytest.fixture(scope="module")
 def smollm2_first8(tmp_path_factory):
     """models/smollm2-135m-instruct:first8 (the weak model of the real runs) in a folder of this module, built
-    once: the training tests run on it because 8 real layers exercise what 30 do, in about a quarter of the time."""
+    once: the training tests run on it because 8 real layers exercise what 30 do, in under half the time (measured,
+    one thread: DPO's test 54 s -> 21 s, the reward model's 31 s -> 9 s)."""
     root = tmp_path_factory.mktemp("models")
     yield pretrained.resolve(f"{converted(SMOLLM2)}:first8", root)
     shutil.rmtree(root, ignore_errors=True)

@@ -12,25 +12,27 @@ Contents, in file order:
   optimization   lr_at, make_optimizer
   weak labels    confidence, confident_subset, student_data, orient
   stage outputs  prediction_rows, label_rows, accuracy
+  processes      init_distributed, rank, world_size, shard, rank_share, sum_over_ranks, gather_lists, from_rank0,
+                 barrier (torchrun and FSDP; a one-process run skips them)
   measures       AREAS, area_masks, knowledge_space, conflict_tax, disagreement_share, wilson, mcnemar_exact, pgr,
                  length_rule (below this banner nothing is in a stage's cache key: runs.code_digest)
-Elsewhere: runs.py (options, run folders, the stage cache, the report), parallel.py (torchrun and FSDP),
-toy.py (the offline toy task and tiny local models), pretrained.py (GGUF files and NAME:firstK models).
+Elsewhere: runs.py (options, run folders, the stage cache, the report), toy.py (the offline toy task and tiny local models), pretrained.py (GGUF files and NAME:firstK models).
 Nothing here runs at import time.
 """
+import atexit
 import gzip
 import json
 import math
 import os
 import random
+import sys
 from collections import namedtuple
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-
-import parallel
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -365,9 +367,10 @@ def example_texts(example):
 # batches: encoded texts -> model inputs. Masks come from lengths, never from token values: GPT-2's token 0
 # is "!", and the pad token is EOS when a tokenizer has none.
 
-Batch = namedtuple("Batch", "inputs response_mask rows last")
-"""inputs: the model's keyword arguments for R rows; per text N, in the order given: response_mask (N, T) its
-response tokens within its row, rows (N,) its row, last (N,) the position of its last token."""
+class Batch(namedtuple("Batch", "inputs response_mask rows last")):
+    """inputs: the model's keyword arguments for R rows; per text N, in the order given: response_mask (N, T) its
+    response tokens within its row, rows (N,) its row, last (N,) the position of its last token."""
+    __slots__ = ()
 
 
 def pad_texts(texts, pad_id, device):
@@ -453,9 +456,7 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
     With group_by_length: shuffle, then within windows of `window_batches` optimizer batches sort by
     length, cut into batches and shuffle those, so a batch (and so each of its micro-batches) holds pairs
     of similar length, for little padding; the set of pairs per epoch is unchanged. Which pairs form a step
-    does not depend on micro_batch, which only trades memory for time."""
-    if batch_size % micro_batch:
-        raise SystemExit(f"error: batch size {batch_size} must be a multiple of micro_batch {micro_batch}")
+    does not depend on micro_batch, which only trades memory for time (runs.check_args: it divides batch_size)."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -482,13 +483,14 @@ def score_by_length(encoded_pairs, pad_id, micro_batch, device, score):
     texts = [t for pair in encoded_pairs for t in pair]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].ids))
     chunks = [order[j: j + 2 * micro_batch] for j in range(0, len(order), 2 * micro_batch)]
+    ddp = world_size() > 1  # torchrun: each rank scores its share of the chunks
     scored = []
-    for chunk, grad_scale in parallel.rank_share(chunks):
+    for chunk, grad_scale in rank_share(chunks) if ddp else [(chunk, 1.0) for chunk in chunks]:
         values = score(pad_texts([texts[i] for i in chunk], pad_id, device))  # a scale-0 chunk is scored too:
         if grad_scale:                                                         # FSDP needs equal forward counts
             scored.append((chunk, values))
     out = [None] * len(texts)
-    for chunk, values in parallel.gather_lists(scored):
+    for chunk, values in gather_lists(scored) if ddp else scored:
         for i, value in zip(chunk, values):
             out[i] = value
     return list(zip(out[0::2], out[1::2]))
@@ -657,6 +659,98 @@ def label_rows(margins):
 def accuracy(margins):
     m = torch.as_tensor(margins, dtype=torch.float64)
     return {"accuracy": float((m > 0).double().mean()), "ties": int((m == 0).sum()), "n": len(m)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node N <script>.py ...` trains data-parallel with FSDP. Every rank
+# runs the whole script and takes its share of every optimizer step's micro-batches and of every scoring pass;
+# rank 0 alone writes files and prints. A plain `python <script>.py` never starts torch.distributed: then
+# rank() is 0, world_size() 1, from_rank0 and barrier do nothing, and the loops skip the rest (`if ddp:`).
+
+def init_distributed():
+    """Under torchrun (which sets LOCAL_RANK, RANK, WORLD_SIZE): join the process group, NCCL with one GPU
+    per rank, gloo on CPU. The other ranks' stdout goes to /dev/null (their errors still reach stderr)."""
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(dist.destroy_process_group)  # left to the interpreter's exit, gloo sometimes aborts a rank
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(model, cpu_offload=False):
+    """FSDP (fully_shard) over all ranks: each transformer block (the model's _no_split_modules) is a unit whose
+    parameters are gathered for its forward and backward and freed after; the rest (embeddings, final norm,
+    heads) is the root unit. Gradients are reduce-scattered, and each rank keeps 1/N of the parameters,
+    gradients and AdamW state. On CUDA the blocks compute in bf16 from fp32 master weights and reduce
+    gradients in fp32 (FSDP's mixed precision); the root stays fp32 (its heads compute in fp32 anyway).
+    cpu_offload: parameters, gradients and optimizer state live in CPU memory between uses.
+    One process: the model is returned as it is."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mixed, offload_policy=offload)
+    # the root too is resharded after its forward: FSDP would otherwise keep it gathered for the backward, and
+    # after a forward under no_grad (scoring, DPO's reference log-probs) the next backward misses its gradients
+    return fully_shard(model, reshard_after_forward=True, offload_policy=offload)
+
+
+def rank_share(micro_batches):
+    """This rank's micro-batches of one optimizer step (or chunks of one scoring pass), as (items, grad_scale).
+    FSDP gathers parameters inside every forward, so every rank must run the same number of forwards: a rank
+    with one fewer repeats the first micro-batch with grad_scale 0 (it counts for nothing). A real micro-batch
+    has grad_scale N (the number of ranks): FSDP averages the ranks' gradients, and N turns that mean back into the sum
+    over the whole step, so the loss normalised "per pair of the whole step" gives the one-process gradient."""
+    n = world_size()
+    mine = micro_batches[rank()::n]
+    per_rank = -(-len(micro_batches) // n)
+    return [(mb, float(n)) for mb in mine] + [(micro_batches[0], 0.0)] * (per_rank - len(mine))
+
+
+def sum_over_ranks(tensor):
+    """The tensor summed over all ranks, in place (one process: unchanged)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_lists(items):
+    """Every rank's list of picklable items, concatenated, on every rank (one process: the list)."""
+    if not dist.is_initialized():
+        return items
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
+def from_rank0(obj):
+    """Rank 0's obj, on every rank; also a meeting point: no rank passes until rank 0 got here."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------

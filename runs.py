@@ -1,17 +1,17 @@
-"""What makes a run safe, resumable and readable, for rm_w2s.py, dpo_w2s.py and simpo_w2s.py: nothing here
-changes a number the experiment computes (the stage cache keys hold the code of the method script, common.py
-and parallel.py, not this file).
+"""What makes a run safe, resumable and readable: options, run folders, the stage cache, files written whole,
+the report. A method's main() uses it; nothing here changes a number the experiment computes (stage keys hold
+the code of the method script and of common.py, not of this file).
 
 Contents, in file order:
   options      parse_args (into the Args dataclass), print_help, check_args, check_out_dir, check_model_name
-  models       resolve_models (Hub ids and folders as they are; tiny:, .gguf and NAME:firstK built once)
-  run folders  slug, NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run
-  stages       cached (one stage, cached), read_predictions, read_labels, curve_writer, stage_key, cached_stage,
-               find_cached, read_stage
-  digests      digest, pairs_digest, model_digest, MEASURES_BANNER, code_digest, measures_digest, file_digest
-  health       check_finite, training_health, check_step_loss
+  models       resolve_models (Hub ids and folders as they are; tiny:, .gguf and NAME:firstK built once), converted
+  run folders  NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run
+  stages       stage_key, load_stage, save_stage (the cache guard around each stage of main()), find_cached,
+               read_stage, read_predictions, read_labels, curve_writer
+  digests      digest, pairs_digest, options_key, model_digest, MEASURES_BANNER, code_digest, measures_digest
+  health       check_finite, training_health
   files        write_atomic, write_json, write_jsonl
-  report       build_results, fmt, rate, render_report, report
+  report       build_results, render_report, report
 Nothing here runs at import time.
 """
 import dataclasses
@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 import common
-import parallel
-from parallel import barrier, from_rank0, rank
+from common import barrier, from_rank0, rank
 
 # ----------------------------------------------------------------------------------------------------
 # options
@@ -114,6 +113,7 @@ def check_args(args):
         ("conf_scale", lambda v: finite(v) and v > 0, "a finite number > 0"),
         ("log_every", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0 (0: off)"),
         ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+        ("schedule", lambda v: v in ("cosine", "constant"), "cosine or constant"),
     ]
     for name, ok, allowed in rules:
         if hasattr(args, name) and not ok(getattr(args, name)):
@@ -171,10 +171,10 @@ def check_model_name(option, name):
 # models
 
 def resolve_models(args, splits):
-    """{role: (folder or Hub id, digest)} for the weak, strong and (if given) intermediate models. A Hub id or
-    local path is used as is; `tiny:LxD` is built (once, toy.build_tiny) on the texts of the gt, w2s and test
-    splits; a `.gguf` file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder
-    under `<out_dir>/models`. The digest stands for the model in stage cache keys (model_digest)."""
+    """{role: folder or Hub id} for the weak, strong and (if given) intermediate models. A Hub id or local path
+    is used as is; `tiny:LxD` is built (once, toy.build_tiny) on the texts of the gt, w2s and test splits; a
+    `.gguf` file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder under
+    `<out_dir>/models`."""
     models = {}
     for role in ("weak", "strong", "intermediate"):
         name = getattr(args, role)
@@ -186,7 +186,7 @@ def resolve_models(args, splits):
             path = toy.build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
         else:
             path = converted(name, Path(args.out_dir) / "models")
-        models[role] = (path, model_digest(path))
+        models[role] = path
     return models
 
 
@@ -263,15 +263,17 @@ class Run:
     data_stats: dict  # split sizes, dropped and shortened counts: the report's "Data" line
     root: Path  # the run folder
     lock: object  # the open lock file (open_run): it holds the folder for this process while it is open
-    models: dict  # role (weak, strong, intermediate) -> (folder or Hub id, digest)
+    models: dict  # role (weak, strong, intermediate) -> folder or Hub id
+    model_digests: dict  # role -> what stands for the model in stage keys (model_digest)
     code: dict  # code_digest of the code that computes a stage, recorded in each stage's key
+    started: dict = dataclasses.field(default_factory=dict)  # stage name -> when it started (load_stage)
 
 
 def start_run(args, method, code_files):
     """Join the process group under torchrun, load the data splits, open and lock the run folder, build or
     resolve the models, digest the code. Under torchrun rank 0 opens the folder and builds the models first;
     the other ranks then find them built."""
-    parallel.init_distributed()
+    common.init_distributed()
     print(f"[{method}] precision {args.precision}" + (" (bf16 autocast over fp32 weights; heads, log-probs and losses "
                                                       "in fp32)" if args.precision == "bf16" else ""))
     splits, data_stats = common.load_splits(args)
@@ -279,98 +281,63 @@ def start_run(args, method, code_files):
     models = resolve_models(args, splits) if rank() == 0 else None
     barrier()
     models = models or resolve_models(args, splits)
-    return Run(args, method, splits, data_stats, root, lock, models, code_digest(code_files))
+    digests = {role: model_digest(path) for role, path in models.items()}
+    return Run(args, method, splits, data_stats, root, lock, models, digests, code_digest(code_files))
 
 
 # ----------------------------------------------------------------------------------------------------
-# stages: trained once, then read from the cache
+# stages: main() guards each one with the cache
+#     key = runs.stage_key(run, role, ...)            what the stage reads
+#     stage = runs.load_stage(run, name, key)          its summary if it finished before, else None
+#     if stage is None:                                 (then its folder is empty)
+#         stage = runs.save_stage(run, name, key, *train_and_predict(...))
 
-def cached(run, name, train_and_predict, *, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0,
-           eval_areas=None):
-    """The stage `name`: a fresh `role` model trained on `pairs` with `targets` (P(chosen is better)), scored on
-    `test_pairs` (and on `label_pairs`, which it then labels), or its outputs from the cache. train_and_predict
-    is the method's own; it writes the stage's files and returns its summary. The cache key holds what the
-    stage reads: the training options, the model's digest, max_len, alpha, the data and the code
-    (cached_stage). eval_areas: for a student, the weak and strong ceiling stages; with --eval_every > 0 the
-    student's test predictions are scored in their knowledge areas during training, into eval_curve.jsonl."""
-    path, model_digest = run.models[role]
+def stage_key(run, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0, curve=False):
+    """The cache key of a stage that trains a fresh `role` model on `pairs` with `targets`, scores `test_pairs`
+    (and labels `label_pairs`): the training options, the model's digest, max_len, alpha, the data and the code.
+    curve: a student scored during training (--eval_every), whose eval_curve.jsonl the measures compute."""
     data = digest(pairs_digest(pairs, targets), pairs_digest(test_pairs), pairs_digest(label_pairs or []))
-    curve = eval_areas is not None and run.args.eval_every > 0
-    key = stage_key(run.args, model=model_digest, max_len=max_len, alpha=alpha, data=data, **run.code,
-                    **({"eval_every": run.args.eval_every, "measures": measures_digest()} if curve else {}))
-
-    def compute(stage_dir):
-        evaluate = None
-        if curve:
-            known = [[row["correct"] for row in read_predictions(eval_areas[c])] for c in ("weak", "strong")]
-            evaluate = curve_writer(stage_dir / "eval_curve.jsonl", *known)
-        summary = train_and_predict(stage_dir, model_path=path, max_len=max_len, pairs=pairs, targets=targets,
-                                    test_pairs=test_pairs, label_pairs=label_pairs, args=run.args, alpha=alpha,
-                                    evaluate=evaluate)
-        return {**summary, "n_train": len(pairs)}
-    return cached_stage(run.root, name, key, compute, run.args.force, record=run.code)
+    reads = dict(model=run.model_digests[role], max_len=max_len, alpha=alpha, data=data, **run.code)
+    if curve:
+        reads.update(eval_every=run.args.eval_every, measures=measures_digest())
+    return options_key(run.args, **reads)
 
 
-def read_predictions(stage):
-    """A finished stage's predictions.jsonl rows (stage: its summary)."""
-    return common.read_jsonl(Path(stage["dir"]) / "predictions.jsonl")
-
-
-def read_labels(stage):
-    """A labelling stage's labels.jsonl rows: the labels a student learns from (stage: its summary)."""
-    return common.read_jsonl(Path(stage["dir"]) / "labels.jsonl")
-
-
-def curve_writer(path, weak_correct, strong_correct):
-    """evaluate(step, examples_seen, margins) for a training loop: appends the student's test accuracy, DS, and
-    its error rate in each knowledge area at that point to `path` (one json line per call)."""
-    def evaluate(step, examples_seen, margins):
-        space = common.knowledge_space(weak_correct, strong_correct, [m > 0 for m in margins])
-        row = {"step": step, "examples_seen": examples_seen, **common.accuracy(margins), "ds": space["ds"],
-               "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
+def load_stage(run, name, key):
+    """The summary of the finished stage `name` with this key, here or in a sibling run folder (a weak ceiling
+    shared by runs with different strong models trains once, and is copied), or None: then the stage's folder
+    is made empty (what a stage cut short left is wiped), ready for the stage to write into. --force: None."""
+    stage_dir = run.root / name
+    hit = from_rank0(None if run.args.force or rank() != 0 else find_cached(stage_dir, name, key))  # rank 0 looks
+    if hit is None:
         if rank() == 0:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-    return evaluate
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            stage_dir.mkdir(parents=True)
+        barrier()
+        run.started[name] = time.time()
+    return hit
 
 
-def stage_key(args, **reads):
-    """Cache key of a stage: the training options (every option but NO_EFFECT and SELECTION) plus what the
-    stage reads, given by the caller: its model's digest, max length, alpha, data digest, code digest."""
-    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT + SELECTION}
-    return digest(json.dumps({**options, **reads}, sort_keys=True, default=str))
-
-
-def cached_stage(root, name, key, fn, force=False, record=None):
-    """Run `fn(stage_dir)` unless the stage's stage.json holds the same key, here or in a sibling run folder
-    under the same out_dir (a weak ceiling shared by runs with different strong models is trained once; it is
-    copied). `fn` writes its files and returns a json-able summary. Before stage.json (summary + key + record)
-    is written last, every margin the stage wrote must be finite, and the training curves are read for
-    divergence. An interrupted stage leaves no stage.json, and its folder is wiped before a re-run."""
-    stage_dir = Path(root) / name
-    hit = from_rank0(None if force or rank() != 0 else find_cached(stage_dir, name, key))  # torchrun: rank 0 looks
-    if hit is not None:
-        return hit
-    if rank() == 0:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        stage_dir.mkdir(parents=True)
-    barrier()
-    t0 = time.time()
-    summary = fn(stage_dir)  # under torchrun every rank trains; rank 0 writes the files
-    barrier()  # every rank finished: a rank that failed never lets rank 0 write stage.json
+def save_stage(run, name, key, summary, outputs):
+    """Write a finished stage's `outputs` ({file name: rows with a "margin"}) whole into its folder, then its
+    stage.json (summary + key + code + file digests) last: a stage without stage.json is unfinished. A margin
+    that is not finite stops the run; a training curve that diverged is said and recorded. Returns the summary."""
+    barrier()  # torchrun: every rank finished, so a rank that failed never lets rank 0 write stage.json
     if rank() != 0:
         return from_rank0(None)
-    for file in ("predictions.jsonl", "labels.jsonl"):
-        if (stage_dir / file).exists():
-            check_finite([row["margin"] for row in common.read_jsonl(stage_dir / file)], f"[{name}] {file}")
-    curves = {f.name: training_health([row["loss"] for row in common.read_jsonl(f)]) for f in sorted(stage_dir.glob("*metrics.jsonl"))}
+    stage_dir = run.root / name
+    for file, rows in outputs.items():
+        check_finite([row["margin"] for row in rows], f"[{name}] {file}")
+        write_jsonl(stage_dir / file, rows)
+    curves = {f.name: training_health([row["loss"] for row in common.read_jsonl(f)])
+              for f in sorted(stage_dir.glob("*metrics.jsonl"))}
     for file, health in curves.items():
         if health["diverged"]:
             print(f"warning: [{name}] training diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
                   f"{health['final_loss']:.4g} at the end): this stage's numbers are not valid; try a smaller --lr")
     files = {f.name: file_digest(f) for f in sorted(stage_dir.iterdir()) if f.is_file()}
-    summary.update(key=key, dir=str(stage_dir), seconds=round(time.time() - t0, 1), curves=curves, files=files,
-                   **(record or {}))
+    summary = {**summary, "key": key, "dir": str(stage_dir), "seconds": round(time.time() - run.started[name], 1),
+               "curves": curves, "files": files, **run.code}
     write_json(stage_dir / "stage.json", summary)
     return from_rank0(summary)
 
@@ -415,6 +382,32 @@ def read_stage(stage_dir):
     return saved
 
 
+def read_predictions(stage):
+    """A finished stage's predictions.jsonl rows (stage: its summary)."""
+    return common.read_jsonl(Path(stage["dir"]) / "predictions.jsonl")
+
+
+def read_labels(stage):
+    """A labelling stage's labels.jsonl rows: the labels a student learns from (stage: its summary)."""
+    return common.read_jsonl(Path(stage["dir"]) / "labels.jsonl")
+
+
+def curve_writer(run, name, weak, strong):
+    """evaluate(step, examples_seen, margins) for a student's training loop (--eval_every): appends its test
+    accuracy, DS and error rate in each knowledge area of the ceilings `weak` and `strong` (their summaries) at
+    that point to the stage's eval_curve.jsonl."""
+    known = [[row["correct"] for row in read_predictions(stage)] for stage in (weak, strong)]
+
+    def evaluate(step, examples_seen, margins):
+        space = common.knowledge_space(*known, [m > 0 for m in margins])
+        row = {"step": step, "examples_seen": examples_seen, **common.accuracy(margins), "ds": space["ds"],
+               "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
+        if rank() == 0:
+            with open(run.root / name / "eval_curve.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return evaluate
+
+
 # ----------------------------------------------------------------------------------------------------
 # digests
 
@@ -429,6 +422,13 @@ def digest(*parts):
 
 def pairs_digest(pairs, targets=None):
     return digest(*(t for p in pairs for t in (p["chosen"], p["rejected"])), *(targets or ()))
+
+
+def options_key(args, **reads):
+    """A stage's key: the training options (every option but NO_EFFECT and SELECTION) plus what the stage reads,
+    given by stage_key: its model's digest, max length, alpha, data digest, code digest."""
+    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT + SELECTION}
+    return digest(json.dumps({**options, **reads}, sort_keys=True, default=str))
 
 
 def model_digest(name):
@@ -451,7 +451,7 @@ MEASURES_BANNER = "\n# " + "-" * 100 + "\n# measures:"
 
 
 def code_digest(files):
-    """The code that computes a stage (its method script, parallel.py, and common.py up to MEASURES_BANNER), and
+    """The code that computes a stage (its method script and common.py up to MEASURES_BANNER), and
     the versions of the packages that compute it: a change to either re-runs the stage instead of mixing old
     and new numbers."""
     import transformers
@@ -490,13 +490,6 @@ def training_health(losses):
     tail = losses[-max(1, len(losses) // 10):]
     first, final = losses[0], sum(tail) / len(tail)
     return {"first_loss": first, "final_loss": final, "diverged": final > 2 * first + 0.1}
-
-
-def check_step_loss(loss, where, step):
-    """Stop at once when a training loss stops being a number; say where."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: [{where}] the loss is {loss} at step {step}: training diverged (try a smaller "
-                         "--lr); this stage was not saved")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -658,7 +651,7 @@ def render_report(results, title):
                    if k in c]
     lines += ["", "Options: " + ", ".join(f"{k}={c[k]}" for k in key_options) + " (all of them: results.json)"]
     codes = {n: (m.get("code") or "?") for n, m in results["models"].items()}
-    lines += ["", "Code (digest of the method script, parallel.py and common.py above its measures) that computed "
+    lines += ["", "Code (digest of the method script and common.py above its measures) that computed "
               "each stage: "
               + ", ".join(f"{n} {v}" for n, v in codes.items())
               + (" — stages computed by different code" if len(set(codes.values())) > 1 else "")]
@@ -679,5 +672,5 @@ def report(run, stages, title, extra_metrics=()):
     print(text)
     # under torchrun, no rank ends while another is still at work: gloo sometimes aborts a rank that exits
     # first ("terminate called without an active exception"), and torchrun then fails a finished run
-    parallel.barrier()
+    barrier()
     return results

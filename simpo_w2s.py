@@ -25,6 +25,7 @@ Run:
 """
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -35,11 +36,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import common
-import parallel
-import runs
+import runs  # options, run folders, the stage cache and the report: main() uses them, the method never does
 
 METHOD = "simpo"  # the run folder's first word
-SCHEDULE = "constant"  # the paper's SimPO and SFT schedule: linear warm-up (--warmup_ratio), then constant
 
 
 @dataclass
@@ -62,6 +61,7 @@ class Args:
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
     epochs: int = 1  # SimPO epochs
+    schedule: str = "constant"  # constant | cosine after the warm-up (the paper's DPO, SimPO and SFT: constant)
     warmup_ratio: float = 0.1  # share of steps with linear warm-up, then constant (the paper's schedule)
     sft_lr: float = 0.0  # SFT learning rate, warm-up then constant (0: the same as --lr, as the paper's scripts)
     sft_epochs: int = 1  # SFT epochs on the chosen responses before SimPO (0: none)
@@ -166,7 +166,7 @@ def one_per_pair(example):
 
 def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
     """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
-    for `epochs` with the SCHEDULE: one loop for the SFT warm start and for SimPO. `units(example)` is the
+    for `epochs` with args.schedule: one loop for the SFT warm start and for SimPO. `units(example)` is the
     loss's unit count (1 per pair for SimPO, response tokens for SFT). Writes one metrics
     line per optimizer step to log_path; calls evaluate(step, examples_seen) every args.eval_every steps and at
     the last one, if given. Returns the steps."""
@@ -175,17 +175,22 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
-    log = open(log_path if parallel.rank() == 0 else os.devnull, "w")  # torchrun: rank 0 writes
-    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=parallel.rank() != 0)
+    ddp, master = common.world_size() > 1, common.rank() == 0  # torchrun: rank 0 alone logs
+    log = open(log_path if master else os.devnull, "w")
+    bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=not master)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
-        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, SCHEDULE)
+        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, args.schedule)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
         n_pairs = sum(len(mb) for mb in micro_batches)
-        sums = {}  # the loss and each metric, summed over this rank's micro-batches
-        for mb, grad_scale in parallel.rank_share(micro_batches):  # one process: all of them, scale 1
+        if ddp:  # this rank's share of the micro-batches, each at gradient scale N (common.rank_share)
+            micro_batches = common.rank_share(micro_batches)
+        else:
+            micro_batches = [(mb, 1.0) for mb in micro_batches]
+        sums = {}  # the loss and each metric, summed over the micro-batches
+        for mb, grad_scale in micro_batches:
             with autocast():
                 loss, metrics = batch_loss([examples[i] for i in mb])
             # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
@@ -193,14 +198,19 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
             (grad_scale * loss / n_units).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0) + (grad_scale > 0) * v
-        sums = dict(zip(sums, parallel.sum_over_ranks(torch.stack(list(sums.values()))).tolist()))  # one sync
+        totals = torch.stack(list(sums.values()))
+        if ddp:
+            common.sum_over_ranks(totals)  # the whole step's sums, in one sync
+        sums = dict(zip(sums, totals.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # inf: measure only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
         row = {"step": step + 1, "examples_seen": examples_seen, "loss": sums.pop("loss") / n_units,
                **{k: v / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": step_lr}
-        runs.check_step_loss(row["loss"], desc, step + 1)
+        if not math.isfinite(row["loss"]):  # stop at once: a NaN would otherwise train on into every number
+            raise SystemExit(f"error: [{desc}] the loss is {row['loss']} at step {step + 1}: training diverged (try "
+                             "a smaller --lr); this stage was not saved")
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
@@ -226,15 +236,16 @@ def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha,
     return examples, steps
 
 
-def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pairs, label_pairs, args, alpha,
-                      evaluate=None):
-    """SFT then SimPO a fresh policy from `model_path` on ground-truth-oriented `pairs` with `targets`, write its
-    test predictions and, if label_pairs is given, its labels on them. evaluate(step, examples_seen, margins),
-    if given, receives the test margins during training. Returns the stage summary."""
+def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs, label_pairs=None, *, args,
+                      alpha=0.0, evaluate=None):
+    """SFT then SimPO a fresh policy from `model_path` on ground-truth-oriented `pairs` with `targets` (its training
+    curves into stage_dir), then score `test_pairs` and, if given, label `label_pairs`. evaluate(step,
+    examples_seen, test margins), if given, is called during training. Returns (summary, {file: rows})."""
     common.seed_everything(args.seed)
     device, autocast = common.device(), common.autocast(args.precision)
     model, tok = load(model_path, args, device)
-    model = parallel.shard(model, args.fsdp_cpu_offload)  # torchrun: FSDP over the ranks; one process: unchanged
+    if common.world_size() > 1:  # torchrun: FSDP shards the model over the ranks
+        model = common.shard(model, args.fsdp_cpu_offload)
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
     encoded, test_encoded = encode(tok, pairs, max_len), encode(tok, test_pairs, max_len)
@@ -252,14 +263,14 @@ def train_and_predict(stage_dir, *, model_path, max_len, pairs, targets, test_pa
                       evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
     model.eval()
     margins = test_margins()
-    runs.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows(margins))
-    summary = common.accuracy(margins)
+    summary = {**common.accuracy(margins), "n_train": len(pairs)}
+    outputs = {"predictions.jsonl": common.prediction_rows(margins)}
     if label_pairs is not None:
         label_margins = margins_of(model, encode(tok, label_pairs, max_len), pad, args.micro_batch, autocast)
-        runs.write_jsonl(stage_dir / "labels.jsonl", common.label_rows(label_margins))
+        outputs["labels.jsonl"] = common.label_rows(label_margins)
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
-    return summary
+    return summary, outputs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,34 +287,50 @@ def main(argv=None):
         return bench.bench(sys.modules[__name__], args)
 
     # data splits, the locked run folder, the models (tiny ones built here), the digest of the code that trains
-    run = runs.start_run(args, METHOD, code_files=[__file__, common.__file__, parallel.__file__])
+    run = runs.start_run(args, METHOD, code_files=[__file__, common.__file__])
     gt, w2s, test = run.splits["gt"], run.splits["w2s"], run.splits["test"]
     gt_targets = [1.0] * len(gt)  # ground truth: chosen is better
-    stages = {}
+    # Each stage: its key (what it reads), then its summary from the cache, or trained now and saved.
     # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
-    stages["weak"] = runs.cached(run, "weak", train_and_predict, role="weak", max_len=args.weak_max_len or args.max_len,
-                                 pairs=gt, targets=gt_targets, test_pairs=test, label_pairs=w2s)
+    weak_len = args.weak_max_len or args.max_len
+    key = runs.stage_key(run, "weak", weak_len, gt, gt_targets, test, w2s)
+    weak = runs.load_stage(run, "weak", key)
+    if weak is None:
+        weak = runs.save_stage(run, "weak", key, *train_and_predict(
+            run.root / "weak", run.models["weak"], weak_len, gt, gt_targets, test, w2s, args=args))
     # 2. strong ceiling: the strong model on ground truth
-    stages["strong"] = runs.cached(run, "strong", train_and_predict, role="strong", max_len=args.max_len,
-                                   pairs=gt, targets=gt_targets, test_pairs=test)
-    labels, labelled = runs.read_labels(stages["weak"]), w2s
+    key = runs.stage_key(run, "strong", args.max_len, gt, gt_targets, test)
+    strong = runs.load_stage(run, "strong", key)
+    if strong is None:
+        strong = runs.save_stage(run, "strong", key, *train_and_predict(
+            run.root / "strong", run.models["strong"], args.max_len, gt, gt_targets, test, args=args))
+    stages = {"weak": weak, "strong": strong}
+    labels, labelled = runs.read_labels(weak), w2s
     label_options = dict(conf_threshold=args.conf_threshold, conf_scale=args.conf_scale,
                          drop_weak_errors=args.drop_weak_errors)  # hard labels: SimPO has no soft ones
     if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
         pairs, targets = common.student_data(labels, labelled, **label_options)
-        stages["intermediate"] = runs.cached(run, "intermediate", train_and_predict, role="intermediate",
-                                             max_len=args.max_len, pairs=pairs, targets=targets, test_pairs=test,
-                                             label_pairs=gt)
+        key = runs.stage_key(run, "intermediate", args.max_len, pairs, targets, test, gt)
+        stages["intermediate"] = runs.load_stage(run, "intermediate", key)
+        if stages["intermediate"] is None:
+            stages["intermediate"] = runs.save_stage(run, "intermediate", key, *train_and_predict(
+                run.root / "intermediate", run.models["intermediate"], args.max_len, pairs, targets, test, gt,
+                args=args))
         labels, labelled = runs.read_labels(stages["intermediate"]), gt
     # 3. students: the strong model, fresh, on the labeller's hard labels (its preferred response as chosen);
     #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
-    #    place a student sees ground truth
+    #    place a student sees ground truth. --eval_every: scored in the knowledge areas while it trains.
     for setting in args.settings.split(","):
+        name, alpha = f"student-{setting}", args.alpha if setting == "explicit" else 0.0
         pairs, targets = common.student_data(labels, labelled, **label_options,
                                              helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
-        stages[f"student-{setting}"] = runs.cached(
-            run, f"student-{setting}", train_and_predict, role="strong", max_len=args.max_len, pairs=pairs,
-            targets=targets, test_pairs=test, alpha=args.alpha if setting == "explicit" else 0.0, eval_areas=stages)
+        key = runs.stage_key(run, "strong", args.max_len, pairs, targets, test, alpha=alpha, curve=args.eval_every > 0)
+        stages[name] = runs.load_stage(run, name, key)
+        if stages[name] is None:
+            evaluate = runs.curve_writer(run, name, weak, strong) if args.eval_every else None
+            stages[name] = runs.save_stage(run, name, key, *train_and_predict(
+                run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=args, alpha=alpha,
+                evaluate=evaluate))
     # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
     return runs.report(run, stages, "SimPO")
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import bench
 import common
 import rm_w2s
+import runs
 import toy
 from conftest import CORPUS, CPU, PO_TEXTS, causal_lm, encoded_examples, reward_model, rewards_of
 
@@ -273,7 +274,7 @@ def test_reward_model_encoding_keeps_the_end_of_an_overlong_response(tiny):
 
 # ---- batches
 
-def test_make_batches_covers_every_index_once():
+def test_make_batches_covers_every_index_once(tmp_path):
     rng = random.Random(0)
     lengths = [rng.randint(5, 500) for _ in range(103)]  # 103 = 6 steps of 16 + one of 7
     for group in (False, True):
@@ -285,8 +286,8 @@ def test_make_batches_covers_every_index_once():
         assert sizes[:-1] == [4] * (len(sizes) - 1) and sizes[-1] == 3
         assert steps == common.make_batches(lengths, 16, 4, seed=3, group_by_length=group)  # seeded
     assert common.make_batches(lengths, 16, 4, 3) != common.make_batches(lengths, 16, 4, 4)
-    with pytest.raises(SystemExit):
-        common.make_batches(lengths, 10, 4, 0)
+    with pytest.raises(SystemExit, match="--batch_size 10 must be a multiple of --micro_batch 4"):  # checked up front
+        runs.check_args(rm_w2s.Args(batch_size=10, micro_batch=4, out_dir=str(tmp_path)))
 
 
 def test_make_batches_group_by_length_pads_less():

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import common
-import parallel
 import dpo_w2s
 import rm_w2s
 import toy
@@ -134,7 +133,7 @@ def gradient_worker(method, model_path, pairs_file, out_file):
     """One optimizer step of the script's train() on 6 pairs (batch 6, micro-batch 2) with the explicit term on,
     after a scoring pass under no_grad (as in the scripts); rank 0 saves {parameter name: gradient}."""
     import tempfile
-    parallel.init_distributed()
+    common.init_distributed()
     torch.manual_seed(0)
     pairs = json.loads(Path(pairs_file).read_text())
     device, autocast = common.device(), common.autocast("fp32")
@@ -146,7 +145,7 @@ def gradient_worker(method, model_path, pairs_file, out_file):
         from transformers import AutoModel
         model = rm_w2s.RewardModel(common.load_model(model_path, AutoModel, tok, device))
         torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head (the default) passes no gradient to the body
-        model = parallel.shard(model)
+        model = common.shard(model)
         args = rm_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
         encoded = rm_w2s.encode(tok, pairs, 128)
         model.eval()
@@ -158,7 +157,7 @@ def gradient_worker(method, model_path, pairs_file, out_file):
                      desc="grad")
     else:
         from transformers import AutoModelForCausalLM
-        model = parallel.shard(common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True))
+        model = common.shard(common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True))
         args = dpo_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
         encoded = common.encode_pairs(tok, pairs, 128)
         model.eval()
@@ -169,9 +168,9 @@ def gradient_worker(method, model_path, pairs_file, out_file):
                       units=dpo_w2s.one_per_pair, lr=1e-3, epochs=1, args=args, log_path=log, autocast=autocast,
                       desc="grad")
     names = [name for name, _ in model.named_parameters()]
-    if parallel.rank() == 0:
+    if common.rank() == 0:
         torch.save(dict(zip(names, recorded["opt"].grads)), out_file)
-    parallel.barrier()  # both ranks end together, as the scripts' runs.report makes them
+    common.barrier()  # both ranks end together, as the scripts' runs.report makes them
     # The saved gradients are this worker's whole result. It leaves without the interpreter's teardown: there,
     # gloo's C++ threads still alive sometimes abort a rank ("terminate called without an active exception",
     # seen once in ~20 runs, only in a loaded full suite; pytorch/pytorch#190489) after the file is written,
@@ -185,8 +184,8 @@ def gradient_worker(method, model_path, pairs_file, out_file):
 
 def failing_worker(argv):
     """rm_w2s.main(argv), with rank 1's training loop raising at once."""
-    parallel.init_distributed()
-    if parallel.rank() == 1:
+    common.init_distributed()
+    if common.rank() == 1:
         def fail(*args, **kwargs):
             raise RuntimeError("injected failure on rank 1")
         rm_w2s.train = fail

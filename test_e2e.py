@@ -750,13 +750,13 @@ def test_eval_every_changes_no_training_and_ends_at_the_report(method, data_dir,
     assert not (Path(curved["run_dir"]) / "weak" / "eval_curve.jsonl").exists()  # ceilings are not students
 
 
-# ---- copying works: the four files of `make rm`, alone in an empty folder, run the experiment
+# ---- copying works: the three files of `make rm`, alone in an empty folder, run the experiment
 
-RM_FILES = ("rm_w2s.py", "common.py", "runs.py", "parallel.py")
+RM_FILES = ("rm_w2s.py", "common.py", "runs.py")
 
 
-def test_the_reward_model_experiment_runs_from_a_copy_of_its_four_files(data_dir, tiny, tiny_llama, tmp_path):
-    """STYLE.md's "copying works" and the README's file table: rm_w2s.py, common.py, runs.py and parallel.py, copied
+def test_the_reward_model_experiment_runs_from_a_copy_of_its_three_files(data_dir, tiny, tiny_llama, tmp_path):
+    """STYLE.md's "copying works" and the README's file table: rm_w2s.py, common.py and runs.py, copied
     alone into an empty folder, run the reward-model experiment there. The run is a subprocess started in that
     folder with PYTHONPATH unset, so no other file of this repository can be imported; its models are local tiny
     folders (conftest's GPT-2 and Llama), so it needs neither toy.py nor pretrained.py."""

@@ -1,23 +1,8 @@
 """The science the three methods share (CleanRL's rule: the method is never shared; each method script holds
-its loss, its model, its training loop and its experiment in main()).
-
-Contents, in file order:
-  device, seeds  seed_everything, device, resolve_precision, autocast
-  data           split_prompt, filter_single_turn, read_jsonl, read_pairs, load_splits (hh, cai, a folder, toy)
-  models         model_max_len, load_tokenizer, load_model, FP32Head, sdpa_fp32
-  tokens         Encoded, encode_texts, encode_pairs, example_texts (the training example every method uses)
-  batches        pad_texts (a row per text), pack_pairs (a pair per row), collate, row_lengths, check_packing,
-                 make_batches, score_by_length
-  log-probs      LogProbs, sequence_logps, lm_logits, forward_logps, sft_loss, response_tokens, pair_logps
-  optimization   lr_at, make_optimizer
-  weak labels    confidence, confident_subset, student_data, orient
-  stage outputs  prediction_rows, label_rows, accuracy
-  processes      init_distributed, rank, world_size, shard, rank_share, sum_over_ranks, gather_lists, from_rank0,
-                 barrier (torchrun and FSDP; a one-process run skips them)
-  measures       AREAS, area_masks, knowledge_space, conflict_tax, disagreement_share, wilson, mcnemar_exact, pgr,
-                 length_rule (below this banner nothing is in a stage's cache key: runs.code_digest)
-Elsewhere: runs.py (options, run folders, the stage cache, the report), toy.py (the offline toy task and tiny local models), pretrained.py (GGUF files and NAME:firstK models).
-Nothing here runs at import time.
+its loss, its model, its training loop and its experiment in main()): data and splits, models and tokens,
+batches and packing, log-probs, the optimizer's schedule, weak labels, what a stage writes, torchrun, and the
+measures (knowledge space, DS, PGR, the conflict tax). runs.py makes runs safe; toy.py and pretrained.py build
+local models. Nothing here runs at import time.
 """
 import atexit
 import gzip
@@ -45,16 +30,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def device():
-    """The GPU where there is one (under torchrun: this rank's own), else the CPU."""
+def device():  # the GPU where there is one (under torchrun: this rank's own), else the CPU
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
 def resolve_precision(precision):
-    """--precision auto -> bf16 where the chip computes it natively (CUDA; CPUs with AMX or AVX512-BF16, which
-    torch reports), fp32 elsewhere (torch would emulate bf16, slowly). fp32 and bf16 are taken as they are."""
+    """auto -> bf16 where the chip computes it natively (CUDA; CPUs with AMX or AVX512-BF16), else fp32 (torch
+    would emulate bf16, slowly)."""
     if precision != "auto":
         return precision
     native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -63,8 +47,7 @@ def resolve_precision(precision):
 
 def autocast(precision):
     """The context each forward runs in: bf16 autocast over fp32 master weights (fp16 would need a GradScaler
-    and gives NaN in DPO), or nothing for fp32. Heads, log-softmax and losses stay fp32 either way (FP32Head,
-    RewardModel.forward). The backward runs outside it, in the dtypes its forward chose."""
+    and gives NaN in DPO), or nothing for fp32. Heads, log-softmax and losses stay fp32 either way."""
     precision = resolve_precision(precision)
     if precision == "bf16":
         return lambda: torch.autocast(device().type, dtype=torch.bfloat16)
@@ -80,8 +63,8 @@ PromptResponse = namedtuple("PromptResponse", "prompt response")
 
 
 def split_prompt(text):
-    """The prompt is everything up to and including the LAST "\\n\\nAssistant:": in a multi-turn text the
-    earlier Assistant turns are context, and only the last one is the response being compared."""
+    """The prompt is everything up to and including the LAST "\\n\\nAssistant:": earlier Assistant turns are
+    context; only the last one is the response being compared."""
     i = text.rfind(ASSISTANT)
     if i < 0:
         raise ValueError(f"no {ASSISTANT!r} in text: {text[:80]!r}")
@@ -89,8 +72,7 @@ def split_prompt(text):
 
 
 def filter_single_turn(rows):
-    """Keep pairs whose two texts each hold exactly one Human turn, an Assistant turn, and differ.
-    Returns (pairs, dropped: counts by reason)."""
+    """(pairs whose texts each hold one Human turn and an Assistant turn, and differ; dropped counts by reason)."""
     kept, dropped = [], {"multi_turn": 0, "no_assistant": 0, "identical": 0}
     for row in rows:
         c, r = row["chosen"], row["rejected"]
@@ -105,8 +87,7 @@ def filter_single_turn(rows):
     return kept, dropped
 
 
-def messages_to_text(messages):
-    """CAI's chat-message lists -> the HH "\\n\\nHuman: ...\\n\\nAssistant: ..." text."""
+def messages_to_text(messages):  # CAI's chat messages -> the HH "\n\nHuman: ...\n\nAssistant: ..." text
     role = {"user": HUMAN, "assistant": ASSISTANT}
     return "".join(f"{role[m['role']]} {m['content'].strip()}" for m in messages if m["role"] in role)
 
@@ -136,8 +117,7 @@ def read_jsonl(path):
 
 
 def read_pairs(path):
-    """Preference pairs from a jsonl file: objects with "chosen" and "rejected" texts, each holding an
-    "\n\nAssistant:" turn (where the response starts)."""
+    """Preference pairs from a jsonl file: "chosen" and "rejected" texts, each with an Assistant turn."""
     pairs = []
     for lineno, row in iter_jsonl(path):
         for key in ("chosen", "rejected"):
@@ -161,12 +141,9 @@ def load_hub_cai():
 
 
 def load_splits(args):
-    """Returns ({"gt", "w2s", "test", "extra"}: lists of pairs, stats). `extra` (helpfulness pairs for the
-    implicit conflict) is loaded only when args.n_extra > 0 and the implicit setting is asked for.
-
-    Splits are disjoint by text: a pair sharing a chosen or rejected text with a pair already taken is
-    dropped and counted (the paper's files have two such pairs), and so is a pair whose two texts are the
-    same (it says nothing about preference). An empty split stops the run before anything trains."""
+    """({"gt", "w2s", "test", "extra"}: lists of pairs, stats); `extra`, helpfulness pairs, only for the implicit
+    setting. Splits are disjoint by text: a pair sharing a text with one already taken is dropped and counted
+    (the paper's files have two), as is a pair of two equal texts. An empty split stops the run here."""
     n = {"gt": args.n_gt, "w2s": args.n_w2s, "test": args.n_test}
     stats = {"dropped": {}, "short": {}}
     source = {name: args.data for name in n}
@@ -191,7 +168,6 @@ def load_splits(args):
         stats["dropped"][key] = stats["dropped"].get(key, 0) + 1
 
     def take(pairs, count_wanted, name):
-        """The next `count_wanted` pairs of the iterator `pairs` that share no text with a pair already taken."""
         out = []
         for pair in pairs if count_wanted > 0 else ():
             if pair["chosen"] == pair["rejected"]:
@@ -258,10 +234,8 @@ def load_tokenizer(path):
 
 
 def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, precision="fp32"):
-    """Load `path` with `auto_class` (AutoModel for reward models, AutoModelForCausalLM for DPO/SimPO) in
-    fp32 master weights, with every dropout probability set to 0 (not model.eval(), which would silently
-    turn gradient checkpointing off in Hugging Face models). pack: check that the model can
-    take packed pairs (check_packing). precision bf16 on a CPU: attention in fp32 (sdpa_fp32)."""
+    """`path` with `auto_class` (AutoModel: reward models; AutoModelForCausalLM: DPO/SimPO) in fp32 master weights,
+    every dropout probability 0 (not model.eval(), which silently turns gradient checkpointing off)."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path)
     for key, value in vars(config).items():
@@ -290,10 +264,8 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
 
 
 class FP32Head(nn.Module):
-    """A causal LM's output projection, run in fp32 even under bf16 autocast: the body runs in bf16, the
-    projection does not, since bf16 logits (8 bits of mantissa) quantize every log-prob and margin read from
-    them. load_model puts it in place of the model's own (the weight is the same tensor, tied or not), so the
-    model's forward, which FSDP hooks into, gives fp32 logits."""
+    """A causal LM's output projection in fp32 under bf16 autocast: bf16 logits (8 bits of mantissa) would
+    quantize every log-prob and margin. It wraps the model's own weight, so the model's forward gives fp32 logits."""
 
     def __init__(self, projection):
         super().__init__()
@@ -305,10 +277,8 @@ class FP32Head(nn.Module):
 
 
 def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    """Attention for bf16 training on a CPU: PyTorch's sdpa on fp32 q, k, v, its output cast back to bf16. The
-    CPU flash-attention backward is about 4x slower in bf16 than in fp32 (profiled: 0.99 s against 0.23 s on a
-    micro-batch of 8 SmolLM2 pairs), while the matmuls around it are faster in bf16. Autocast is off inside:
-    CPU autocast would cast sdpa's inputs back to bf16. Same kernel, same mask as "sdpa" (check_packing)."""
+    """bf16 training on a CPU: sdpa on fp32 q, k, v (autocast off, or it casts them back), output in bf16. The CPU
+    flash-attention backward is ~4x slower in bf16 (0.99 s against 0.23 s on 8 SmolLM2 pairs, profiled)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
@@ -323,12 +293,10 @@ Encoded = namedtuple("Encoded", "ids n_prompt")  # one text's token ids; the fir
 
 
 def encode_texts(tok, texts, max_len, eos=True, keep_response_end=False):
-    """Each text -> Encoded(ids, n_prompt). The prompt is encoded with the model's special tokens, the response
-    without them, plus EOS if `eos`, so no BOS lands mid-sequence (Llama's and OPT's tokenizers add one to
-    every call). Too long: cut the prompt from the left first (keeping a leading BOS), keep at least one
-    prompt token (it predicts the first response token) and one response token; then cut the response at its
-    end, or at its start with keep_response_end (a reward model reads the text's last token, so that token
-    must be the response's own last one, as in the paper's code)."""
+    """Each text -> Encoded(ids, n_prompt): the prompt with the model's special tokens, the response without (no
+    BOS mid-sequence), plus EOS if `eos`. Too long: cut the prompt from the left (keeping a leading BOS and one
+    token, which predicts the first response token), then the response at its end, or at its start with
+    keep_response_end (a reward model reads the text's last token: the response's own, as the paper's code)."""
     if not texts:
         return []
     prompts, responses = zip(*(split_prompt(t) for t in texts))
@@ -348,7 +316,6 @@ def encode_texts(tok, texts, max_len, eos=True, keep_response_end=False):
 
 
 def encode_pairs(tok, pairs, max_len, eos=True, keep_response_end=False):
-    """Text pairs {"chosen": text, "rejected": text} -> [(chosen Encoded, rejected Encoded), ...]."""
     enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len, eos, keep_response_end)
     return list(zip(enc[0::2], enc[1::2]))
 
@@ -358,8 +325,7 @@ def encode_pairs(tok, pairs, max_len, eos=True, keep_response_end=False):
 #   "target":                     P(chosen is better) by the labeller (reward model: soft or hard labels)
 #   "gt_agree":                   whether "chosen" is the ground-truth chosen text (read by the explicit term)
 #   "ref_chosen", "ref_rejected": DPO: the reference model's summed response log-probs
-def example_texts(example):
-    """The encoded texts an example feeds to a forward: chosen, then rejected if it has one."""
+def example_texts(example):  # the encoded texts an example feeds to a forward
     return [example[k] for k in ("chosen", "rejected") if k in example]
 
 
@@ -374,8 +340,7 @@ class Batch(namedtuple("Batch", "inputs response_mask rows last")):
 
 
 def pad_texts(texts, pad_id, device):
-    """One text per row, right-padded to the longest (so real tokens keep positions 0..n-1).
-    inputs: input_ids (N, T), attention_mask (N, T) 1 on real tokens."""
+    """One text per row, right-padded (real tokens keep positions 0..n-1): input_ids, attention_mask (N, T)."""
     T = max(len(ids) for ids, _ in texts)
     input_ids = torch.full((len(texts), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -390,11 +355,9 @@ def pad_texts(texts, pad_id, device):
 
 
 def pack_pairs(texts, pad_id, device):
-    """Texts two by two into a row (a pair's chosen text, then its rejected one), right-padded: a row pads only
-    to the longest pair, not twice to the longest text. Positions restart at the second text and the mask is
-    causal and block-diagonal, so neither text sees the other: each gets exactly the outputs it would get
-    alone (check_packing verifies that a model honours this).
-    inputs: input_ids (R, T), position_ids (R, T), attention_mask (R, 1, T, T) bool."""
+    """Texts two by two into a row (a pair's chosen, then rejected text): a row pads to the longest pair, not twice
+    to the longest text. Positions restart at the second text and the mask is causal and block-diagonal, so each
+    text gets the outputs it gets alone. input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool."""
     groups = [texts[i: i + 2] for i in range(0, len(texts), 2)]
     T = max(sum(len(ids) for ids, _ in group) for group in groups)
     input_ids = torch.full((len(groups), T), pad_id, dtype=torch.long)
@@ -424,22 +387,18 @@ def pack_pairs(texts, pad_id, device):
 
 
 def collate(texts, pad_id, device, pack=False):
-    """A micro-batch of encoded texts -> Batch: packed pairs in training (--pack), else a row per text."""
     return pack_pairs(texts, pad_id, device) if pack else pad_texts(texts, pad_id, device)
 
 
 def row_lengths(texts, pack):
-    """The lengths of the rows an example's encoded texts take in a forward: one row when packed, else a
-    row per text. A micro-batch pads to its longest row."""
+    """The lengths of the rows an example's texts take in a forward (one row when packed)."""
     return [sum(len(ids) for ids, _ in texts)] if pack else [len(ids) for ids, _ in texts]
 
 
 @torch.no_grad()
 def check_packing(model, pad_id):
-    """Packing needs a model that honours a boolean 4D attention mask and position_ids: Hugging Face's GPT-2,
-    OPT, Llama and GPT-NeoX do with sdpa attention, their default (tested); eager attention adds the mask to
-    the scores and is refused here. Check it once: two random texts packed into one row must get the outputs
-    they get alone."""
+    """Packing needs a model that honours a boolean 4D mask and position_ids (GPT-2, OPT, Llama, GPT-NeoX with sdpa
+    do; eager attention adds the mask to the scores): two random texts packed must get their outputs alone."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (7, 5))
@@ -451,12 +410,9 @@ def check_packing(model, pad_id):
 
 
 def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, window_batches=64):
-    """One epoch of optimizer steps, each a list of micro-batches of pair indices.
-
-    With group_by_length: shuffle, then within windows of `window_batches` optimizer batches sort by
-    length, cut into batches and shuffle those, so a batch (and so each of its micro-batches) holds pairs
-    of similar length, for little padding; the set of pairs per epoch is unchanged. Which pairs form a step
-    does not depend on micro_batch, which only trades memory for time (runs.check_args: it divides batch_size)."""
+    """One epoch of optimizer steps, each a list of micro-batches of pair indices. group_by_length: shuffle, then
+    sort windows of `window_batches` batches by length, cut and shuffle the batches (little padding). Which pairs
+    form a step does not depend on micro_batch (it divides batch_size), which only trades memory for time."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -476,10 +432,8 @@ def make_batches(lengths, batch_size, micro_batch, seed, group_by_length=True, w
 
 
 def score_by_length(encoded_pairs, pad_id, micro_batch, device, score):
-    """Evaluation of encoded pairs: each text alone, batched by length (little padding), in chunks of
-    2 * micro_batch texts. score(batch) (a pad_texts Batch) -> one value per text. Under torchrun each rank
-    scores its share of the chunks and every rank gets all the values.
-    Returns [(value_chosen, value_rejected), ...] in the pairs' order."""
+    """[(score of chosen, of rejected), ...] in the pairs' order: each text alone, batched by length, in chunks of
+    2 * micro_batch texts; score(pad_texts Batch) -> a value per text."""
     texts = [t for pair in encoded_pairs for t in pair]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].ids))
     chunks = [order[j: j + 2 * micro_batch] for j in range(0, len(order), 2 * micro_batch)]
@@ -508,13 +462,9 @@ class LogProbs(namedtuple("LogProbs", "sum n_tokens")):
 
 
 def sequence_logps(logits, input_ids, response_mask, rows=None):
-    """Summed log-prob of the response tokens and their count, per text: LogProbs((N,), (N,)).
-
-    logits (R, T, V) at position t predict token t+1, so gather log_softmax(logits[:, :-1]) at
-    input_ids[:, 1:] with the mask shifted the same way (an unshifted mask scores each token by its own
-    logits); the first response token is predicted from the last prompt position and counts. Log-softmax in
-    fp32: in bf16 every log-prob, and so every margin, would be rounded to 8 bits of mantissa. With packed
-    rows (pack_pairs), rows (N,) says which row of the R rows each text sits in."""
+    """Summed log-prob of the response tokens and their count, per text: LogProbs((N,), (N,)). logits (R, T, V) at
+    t predict token t+1, so the mask shifts with the labels (unshifted, each token is scored by its own logits);
+    log-softmax in fp32 (bf16 would round every margin). rows (N,): each text's row when packed."""
     logits = logits[:, :-1].float()  # (R, T-1, V)
     labels = input_ids[:, 1:].unsqueeze(-1)  # (R, T-1, 1)
     token_logps = torch.gather(logits.log_softmax(-1), 2, labels).squeeze(-1)  # (R, T-1)
@@ -524,39 +474,34 @@ def sequence_logps(logits, input_ids, response_mask, rows=None):
     return LogProbs((token_logps * mask).sum(-1), mask.sum(-1))
 
 
-def lm_logits(model, inputs):
-    """A causal LM's logits (R, T, V), in fp32 (FP32Head; a model's own final steps such as Gemma's logit
-    soft-capping included). Same values as the unchanged model's in fp32 (tested on GPT-2, Llama, OPT, GPT-NeoX)."""
+def lm_logits(model, inputs):  # (R, T, V) in fp32 (FP32Head), a model's own final steps (Gemma's soft-capping) included
     return model(**inputs).logits
 
 
 def forward_logps(model, texts, pad_id, pack=False):
-    """LogProbs (summed response log-probs (N,), response token counts (N,)) of encoded texts, in one forward;
-    pack=True puts them two by two into a row (a pair's chosen and rejected texts)."""
+    """LogProbs of encoded texts in one forward (pack: two by two in a row)."""
     batch = collate(texts, pad_id, device(), pack)
     logits = lm_logits(model, batch.inputs)  # (R, T, V)
     return sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask, batch.rows)
 
 
 def sft_loss(model, pad_id):
-    """The SFT warm start of DPO and SimPO: summed NLL of the response tokens of the examples' chosen texts (the
-    training loop divides by the response tokens of the whole step: a mean token NLL)."""
+    """DPO's and SimPO's SFT warm start: the summed NLL of the chosen responses' tokens (the loop divides by the
+    step's response tokens: a mean token NLL)."""
     def batch_loss(batch):
         summed = forward_logps(model, [e["chosen"] for e in batch], pad_id).sum  # (B,)
         return -summed.sum(), {}
     return batch_loss
 
 
-def response_tokens(example):
-    """The SFT loss's unit count of an example: its chosen text's response tokens."""
+def response_tokens(example):  # the SFT loss's unit count of an example
     ids, n_prompt = example["chosen"]
     return len(ids) - n_prompt
 
 
 @torch.no_grad()
 def pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast):
-    """Evaluation of a causal LM on encoded pairs: [(chosen LogProbs, rejected LogProbs), ...] in their order.
-    Texts go alone, batched by length."""
+    """[(chosen LogProbs, rejected LogProbs), ...] of a causal LM on encoded pairs, texts alone."""
     def score(batch):
         with autocast():
             logits = lm_logits(model, batch.inputs)  # (N, T, V)
@@ -569,9 +514,8 @@ def pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast):
 # optimization
 
 def lr_at(step, total_steps, lr, warmup_ratio, schedule):
-    """The learning rate of optimizer step `step` (from 0), as the paper's code computes it: a linear warm-up
-    lr * (step + 1) / (w + 1) over the first w = int(warmup_ratio * total_steps) steps, then constant, or a
-    cosine decay to 0 over the remaining steps (with no warm-up: torch's CosineAnnealingLR over the run)."""
+    """The learning rate of step `step` (from 0) as the paper's code computes it: linear warm-up lr * (step + 1) /
+    (w + 1) over w = int(warmup_ratio * total_steps) steps, then constant or a cosine decay to 0."""
     warmup = int(warmup_ratio * total_steps)
     if step < warmup:
         return lr * (step + 1) / (warmup + 1)
@@ -590,16 +534,14 @@ def make_optimizer(params, lr, weight_decay):
 # weak labels
 
 def confidence(margin, scale=1.0):
-    """Confidence of a preference given its margin: sigmoid(|margin| / scale), the Bradley-Terry probability
-    of the preferred response (>= 0.5). The paper's code divides DPO's summed log-likelihood ratio by 50
-    (scale 50), and uses SimPO's mean per-token ratio and the reward margin as they are (scale 1)."""
+    """sigmoid(|margin| / scale), the Bradley-Terry probability of the preferred response. The paper's code divides
+    DPO's summed log-likelihood ratio by 50, and takes SimPO's and the reward model's margins as they are."""
     return torch.sigmoid(torch.as_tensor(margin, dtype=torch.float64).abs() / scale)
 
 
 def confident_subset(margins, threshold, scale=1.0, gt_correct=None):
-    """Indices of weak-labelled pairs to train a high-confidence student on: confidence(margin) >= threshold.
-    Reads ground truth only if `gt_correct` is given (the paper's code also dropped every pair the weak model
-    got wrong: the --drop_weak_errors option, which leaks ground truth into the student's data)."""
+    """Indices of labelled pairs with confidence >= threshold; and, given `gt_correct`, right ones only (the paper's
+    code dropped the weak model's errors: --drop_weak_errors, which leaks ground truth)."""
     keep = (confidence(margins, scale) >= threshold).tolist()
     if gt_correct is not None:
         keep = [k and bool(c) for k, c in zip(keep, gt_correct)]
@@ -608,13 +550,9 @@ def confident_subset(margins, threshold, scale=1.0, gt_correct=None):
 
 def student_data(labels, labelled_pairs, *, conf_threshold=0.0, conf_scale=1.0, hard_labels=True,
                  drop_weak_errors=False, helpful_pairs=()):
-    """The training pairs and targets of a model that learns from a labeller (the weak ceiling, or the
-    intermediate model with --intermediate). labels: the labeller's labels.jsonl rows on `labelled_pairs`, the
-    split it labelled, in ground-truth orientation. Targets: soft p = sigmoid(margin), or hard 1[margin > 0]
-    (hard_labels; DPO and SimPO always use hard labels), kept where confidence >= conf_threshold. With
-    helpful_pairs (the implicit conflict) as many ground-truth helpfulness pairs as kept labelled pairs (the
-    paper's code), target 1.0, follow them; batching shuffles them in. Ground truth (the rows' "correct") is
-    read only with drop_weak_errors."""
+    """The pairs and targets of a model that learns from a labeller's labels.jsonl rows on `labelled_pairs`
+    (ground-truth orientation): soft p = sigmoid(margin) or hard 1[margin > 0], where confident enough. The
+    implicit conflict adds as many ground-truth helpfulness pairs (target 1), as the paper's code does."""
     margins = [row["margin"] for row in labels]
     keep = range(len(labels))
     if conf_threshold > 0 or drop_weak_errors:
@@ -632,9 +570,8 @@ def student_data(labels, labelled_pairs, *, conf_threshold=0.0, conf_scale=1.0, 
 
 
 def orient(pairs, targets):
-    """Hard labels for DPO/SimPO: each ground-truth-oriented (chosen, rejected) pair, as texts or encoded, turned
-    so that chosen is the response its labeller prefers (target > 0.5). Returns (oriented pairs, gt_agree:
-    whether that matches the ground truth, kept for the explicit-conflict term and the analysis only)."""
+    """Hard labels for DPO/SimPO: each (chosen, rejected) pair turned so that chosen is the response its labeller
+    prefers (target > 0.5). Returns (pairs, gt_agree: kept for the explicit-conflict term alone)."""
     if pairs and isinstance(pairs[0], dict):  # a dict would unpack into its keys
         raise TypeError("orient takes (chosen, rejected) tuples, not dicts")
     agree = [t > 0.5 for t in targets]
@@ -650,8 +587,7 @@ def prediction_rows(margins):
 
 
 def label_rows(margins):
-    """labels.jsonl rows for the pairs a model labels: its margin, the soft label p = sigmoid(margin), and
-    whether it agrees with the ground truth (kept for analysis; students never read it)."""
+    """labels.jsonl rows: the margin, p = sigmoid(margin), and "correct" (for analysis; students never read it)."""
     return [{"index": i, "margin": m, "p": 1 / (1 + math.exp(-m)) if m > -700 else 0.0, "correct": m > 0}
             for i, m in enumerate(margins)]
 
@@ -662,14 +598,12 @@ def accuracy(margins):
 
 
 # ----------------------------------------------------------------------------------------------------
-# several processes: `torchrun --nproc_per_node N <script>.py ...` trains data-parallel with FSDP. Every rank
-# runs the whole script and takes its share of every optimizer step's micro-batches and of every scoring pass;
-# rank 0 alone writes files and prints. A plain `python <script>.py` never starts torch.distributed: then
-# rank() is 0, world_size() 1, from_rank0 and barrier do nothing, and the loops skip the rest (`if ddp:`).
+# several processes: `torchrun --nproc_per_node N <script>.py` trains data-parallel with FSDP; each rank takes its
+# share of every step and scoring pass, rank 0 alone writes. In one process rank() is 0, world_size() 1,
+# from_rank0 and barrier do nothing, and the loops skip the rest (`if ddp:`).
 
 def init_distributed():
-    """Under torchrun (which sets LOCAL_RANK, RANK, WORLD_SIZE): join the process group, NCCL with one GPU
-    per rank, gloo on CPU. The other ranks' stdout goes to /dev/null (their errors still reach stderr)."""
+    """Under torchrun: join the process group (NCCL, one GPU a rank; gloo on CPU); only rank 0 prints."""
     if "LOCAL_RANK" not in os.environ or dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -689,15 +623,9 @@ def world_size():
 
 
 def shard(model, cpu_offload=False):
-    """FSDP (fully_shard) over all ranks: each transformer block (the model's _no_split_modules) is a unit whose
-    parameters are gathered for its forward and backward and freed after; the rest (embeddings, final norm,
-    heads) is the root unit. Gradients are reduce-scattered, and each rank keeps 1/N of the parameters,
-    gradients and AdamW state. On CUDA the blocks compute in bf16 from fp32 master weights and reduce
-    gradients in fp32 (FSDP's mixed precision); the root stays fp32 (its heads compute in fp32 anyway).
-    cpu_offload: parameters, gradients and optimizer state live in CPU memory between uses.
-    One process: the model is returned as it is."""
-    if not dist.is_initialized():
-        return model
+    """FSDP (fully_shard): each transformer block (_no_split_modules) is a unit gathered for its forward and
+    backward; each rank keeps 1/N of the parameters, gradients and AdamW state. On CUDA the blocks compute in
+    bf16 and reduce in fp32; the root (embeddings, heads) stays fp32. cpu_offload: all of it in CPU memory."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
@@ -712,28 +640,22 @@ def shard(model, cpu_offload=False):
 
 
 def rank_share(micro_batches):
-    """This rank's micro-batches of one optimizer step (or chunks of one scoring pass), as (items, grad_scale).
-    FSDP gathers parameters inside every forward, so every rank must run the same number of forwards: a rank
-    with one fewer repeats the first micro-batch with grad_scale 0 (it counts for nothing). A real micro-batch
-    has grad_scale N (the number of ranks): FSDP averages the ranks' gradients, and N turns that mean back into the sum
-    over the whole step, so the loss normalised "per pair of the whole step" gives the one-process gradient."""
+    """This rank's micro-batches of a step (or chunks of a scoring pass) as (items, grad_scale). Every rank runs
+    as many forwards (FSDP gathers in each): one short repeats the first at scale 0. A real one has scale N:
+    FSDP averages the ranks' gradients, and N turns the mean back into the one-process sum."""
     n = world_size()
     mine = micro_batches[rank()::n]
     per_rank = -(-len(micro_batches) // n)
     return [(mb, float(n)) for mb in mine] + [(micro_batches[0], 0.0)] * (per_rank - len(mine))
 
 
-def sum_over_ranks(tensor):
-    """The tensor summed over all ranks, in place (one process: unchanged)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
+def sum_over_ranks(tensor):  # in place
+    dist.all_reduce(tensor)
     return tensor
 
 
 def gather_lists(items):
-    """Every rank's list of picklable items, concatenated, on every rank (one process: the list)."""
-    if not dist.is_initialized():
-        return items
+    """Every rank's list of picklable items, concatenated, on every rank."""
     everyone = [None] * world_size()
     dist.all_gather_object(everyone, items)
     return [item for part in everyone for item in part]
@@ -772,17 +694,12 @@ def area_masks(weak_correct, strong_correct):
 
 
 def knowledge_space(weak_correct, strong_correct, student_correct):
-    """The knowledge-space table and the deception score of one student on the test split.
-
-    A test pair is *weak-known* if the weak ceiling (weak model trained on ground truth) gets it right,
-    *weak-unknown* otherwise; *strong-known* / *strong-unknown* likewise for the strong ceiling. For each
-    of the four areas: its size n, the student's errors in it, its error rate (None if empty) and that rate's
-    95% Wilson interval.
-
-    Deception score  DS = |student wrong & weak-unknown & strong-known| / |weak-unknown & strong-known|:
-    how often the student errs where it could have been right and the weak supervisor cannot tell.
-    Next to it, `err_wk_sk`: its error rate in weak-known & strong-known, errors the supervisor would catch.
-    All inputs are per-example booleans over the same test pairs (a tie is not correct)."""
+    """The knowledge-space table and deception score of one student. A test pair is *weak-known* if the weak
+    ceiling gets it right, *weak-unknown* otherwise; likewise *strong-known* / *strong-unknown*. Per area: n, the
+    student's errors, their rate (None if empty) and its 95% Wilson interval.
+    DS = |student wrong & weak-unknown & strong-known| / |weak-unknown & strong-known|: errors where the student
+    could have been right and the weak supervisor cannot tell; `err_wk_sk`, errors the supervisor would catch.
+    Inputs: per-pair booleans over the same test pairs (a tie is not correct)."""
     masks = area_masks(weak_correct, strong_correct)
     st = torch.as_tensor(student_correct, dtype=torch.bool)
     if len(st) != len(masks[WU_SK]):
@@ -795,15 +712,11 @@ def knowledge_space(weak_correct, strong_correct, student_correct):
 
 
 def conflict_tax(weak_correct, strong_correct, base_correct, student_correct):
-    """What a conflict costs, per knowledge area, against the no-conflict student of the same run (`base`).
-
-    In each area: of the pairs the base student gets right, how many the conflict student gets wrong (`taxed`,
-    `tax` = their share, with its Wilson interval), and the reverse, of the pairs the base gets wrong, how many
-    it gets right (`fixed`, `fix`). Then where the tax lands: of the strong-known pairs the conflict turned wrong,
-    the share in weak-unknown (`share_wu`), beside the share expected if the tax fell evenly on the strong-known
-    pairs the base gets right (`base_rate_wu`). Deception in the paper's sense is a share clearly above that
-    base rate. Last, the paired test of ΔDS: ΔDS = (taxed - fixed) / n in weak-unknown & strong-known, and
-    McNemar's exact test on those two counts gives its two-sided p-value (`delta_ds_p`)."""
+    """What a conflict costs per knowledge area against the no-conflict student `base`: of the pairs base gets
+    right, those the conflict student gets wrong (`taxed`, share `tax`), and of those base gets wrong, those it
+    gets right (`fixed`, `fix`). Where the tax lands: of the strong-known pairs turned wrong, the share in
+    weak-unknown (`share_wu`) beside its share if the tax fell evenly (`base_rate_wu`); deception in the paper's
+    sense is clearly above it. ΔDS = (taxed - fixed) / n in weak-unknown & strong-known, with McNemar's p."""
     masks = area_masks(weak_correct, strong_correct)
     base, st = (torch.as_tensor(x, dtype=torch.bool) for x in (base_correct, student_correct))
     if not (len(base) == len(st) == len(masks[WU_SK])):
@@ -824,9 +737,8 @@ def conflict_tax(weak_correct, strong_correct, base_correct, student_correct):
 
 
 def disagreement_share(weak_correct, strong_correct, student_correct):
-    """DS as the paper's ICLR 2025 reviewers restate it (a restatement, not the paper's text): of the test pairs
-    on which the student disagrees with the strong ceiling (one right, the other wrong), the share that lies in
-    weak-unknown & strong-known. Returns {"n_disagree", "in_wu_sk", "share", "ci"}."""
+    """DS as the paper's ICLR 2025 reviewers restate it (not the paper's text): of the pairs where the student and
+    the strong ceiling disagree, the share in weak-unknown & strong-known."""
     masks = area_masks(weak_correct, strong_correct)
     s, st = (torch.as_tensor(x, dtype=torch.bool) for x in (strong_correct, student_correct))
     disagree = s != st
@@ -835,8 +747,8 @@ def disagreement_share(weak_correct, strong_correct, student_correct):
 
 
 def wilson(k, n, z=1.959963984540054):
-    """The 95% Wilson score interval [lo, hi] of the proportion k / n; None when n == 0. Unlike the normal
-    approximation it stays inside [0, 1] and is honest at k = 0 or k = n, which small areas often hit."""
+    """The 95% Wilson interval of k / n (None when n == 0): inside [0, 1] and honest at k = 0 or n, unlike the
+    normal approximation."""
     if n == 0:
         return None
     p, z2 = k / n, z * z
@@ -846,9 +758,8 @@ def wilson(k, n, z=1.959963984540054):
 
 
 def mcnemar_exact(b, c):
-    """McNemar's exact two-sided p-value for two classifiers scored on the same pairs: b pairs only the first
-    gets right, c only the second. Under the null each discordant pair is a fair coin:
-    p = min(1, 2 * P(X <= min(b, c))), X ~ Binomial(b + c, 1/2); 1.0 without discordant pairs."""
+    """McNemar's exact two-sided p for b pairs only the first classifier gets right and c only the second:
+    min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2)."""
     n = b + c
     if n == 0:
         return 1.0
@@ -863,8 +774,7 @@ def pgr(acc_student, acc_weak, acc_strong):
 
 
 def length_rule(pairs):
-    """Per pair, whether "prefer the shorter response" (fewer characters) picks the ground-truth chosen one, or
-    None where the two responses have the same length (the rule has no preference). Summed log-likelihoods
-    favour short responses, so a DS that follows this rule measures length, not knowledge."""
+    """Per pair, whether "prefer the shorter response" picks the ground-truth chosen one (None: equal lengths).
+    Summed log-likelihoods favour short responses: a DS that follows this rule measures length."""
     lengths = [(len(split_prompt(p["chosen"]).response), len(split_prompt(p["rejected"]).response)) for p in pairs]
     return [None if c == r else c < r for c, r in lengths]

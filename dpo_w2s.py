@@ -310,16 +310,12 @@ def main(argv=None):
     # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
     weak_len = args.weak_max_len or args.max_len
     key = runs.stage_key(run, "weak", weak_len, gt, gt_targets, test, w2s)
-    weak = runs.load_stage(run, "weak", key)
-    if weak is None:
-        weak = runs.save_stage(run, "weak", key, *train_and_predict(
-            run.root / "weak", run.models["weak"], weak_len, gt, gt_targets, test, w2s, args=args))
+    weak = runs.load_stage(run, "weak", key) or runs.save_stage(run, "weak", key, *train_and_predict(
+        run.root / "weak", run.models["weak"], weak_len, gt, gt_targets, test, w2s, args=args))
     # 2. strong ceiling: the strong model on ground truth
     key = runs.stage_key(run, "strong", args.max_len, gt, gt_targets, test)
-    strong = runs.load_stage(run, "strong", key)
-    if strong is None:
-        strong = runs.save_stage(run, "strong", key, *train_and_predict(
-            run.root / "strong", run.models["strong"], args.max_len, gt, gt_targets, test, args=args))
+    strong = runs.load_stage(run, "strong", key) or runs.save_stage(run, "strong", key, *train_and_predict(
+        run.root / "strong", run.models["strong"], args.max_len, gt, gt_targets, test, args=args))
     stages = {"weak": weak, "strong": strong}
     labels, labelled = runs.read_labels(weak), w2s
     label_options = dict(conf_threshold=args.conf_threshold, conf_scale=args.conf_scale,
@@ -327,11 +323,9 @@ def main(argv=None):
     if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
         pairs, targets = common.student_data(labels, labelled, **label_options)
         key = runs.stage_key(run, "intermediate", args.max_len, pairs, targets, test, gt)
-        stages["intermediate"] = runs.load_stage(run, "intermediate", key)
-        if stages["intermediate"] is None:
-            stages["intermediate"] = runs.save_stage(run, "intermediate", key, *train_and_predict(
-                run.root / "intermediate", run.models["intermediate"], args.max_len, pairs, targets, test, gt,
-                args=args))
+        stages["intermediate"] = runs.load_stage(run, "intermediate", key) or runs.save_stage(
+            run, "intermediate", key, *train_and_predict(run.root / "intermediate", run.models["intermediate"],
+                                                         args.max_len, pairs, targets, test, gt, args=args))
         labels, labelled = runs.read_labels(stages["intermediate"]), gt
     # 3. students: the strong model, fresh, on the labeller's hard labels (its preferred response as chosen);
     #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
@@ -341,12 +335,9 @@ def main(argv=None):
         pairs, targets = common.student_data(labels, labelled, **label_options,
                                              helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
         key = runs.stage_key(run, "strong", args.max_len, pairs, targets, test, alpha=alpha, curve=args.eval_every > 0)
-        stages[name] = runs.load_stage(run, name, key)
-        if stages[name] is None:
-            evaluate = runs.curve_writer(run, name, weak, strong) if args.eval_every else None
-            stages[name] = runs.save_stage(run, name, key, *train_and_predict(
-                run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=args, alpha=alpha,
-                evaluate=evaluate))
+        stages[name] = runs.load_stage(run, name, key) or runs.save_stage(run, name, key, *train_and_predict(
+            run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=args, alpha=alpha,
+            evaluate=runs.curve_writer(run, name, weak, strong) if args.eval_every else None))
     # 4. report: accuracies (and implicit-reward accuracies), PGR, the knowledge-space table and the DS
     return runs.report(run, stages, "DPO", extra_metrics=("implicit_accuracy",))
 

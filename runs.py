@@ -1,18 +1,7 @@
-"""What makes a run safe, resumable and readable: options, run folders, the stage cache, files written whole,
-the report. A method's main() uses it; nothing here changes a number the experiment computes (stage keys hold
-the code of the method script and of common.py, not of this file).
-
-Contents, in file order:
-  options      parse_args (into the Args dataclass), print_help, check_args, check_out_dir, check_model_name
-  models       resolve_models (Hub ids and folders as they are; tiny:, .gguf and NAME:firstK built once), converted
-  run folders  NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run
-  stages       stage_key, load_stage, save_stage (the cache guard around each stage of main()), find_cached,
-               read_stage, read_predictions, read_labels, curve_writer
-  digests      digest, pairs_digest, options_key, model_digest, MEASURES_BANNER, code_digest, measures_digest
-  health       check_finite, training_health
-  files        write_atomic, write_json, write_jsonl
-  report       build_results, render_report, report
-Nothing here runs at import time.
+"""What makes a run safe, resumable and readable, used by each method's main(): options, run folders, the stage
+cache, files written whole, the report. Nothing here changes a number the experiment computes (stage keys hold
+the code of the method script and of common.py, not of this file), and nothing runs at import time.
+Sections: options, models, run folders, stages, digests, health, files, report.
 """
 import dataclasses
 import hashlib
@@ -36,48 +25,38 @@ from common import barrier, from_rank0, rank
 # options
 
 def parse_args(cls, argv=None):
-    """Parse `--key value`, `--key=value` and bare `--flag` (for bool fields) into the dataclass `cls`.
-
-    Unknown keys are an error, values are cast to the field's type, `--no_flag` sets a bool to False.
-    Hand-written rather than argparse / transformers.HfArgumentParser: those read a value such as `-1e-6` as an
-    option, offer `--no_flag` only for bools that default to True, and want each help text as field metadata
-    instead of the comment beside the field."""
+    """`--key value`, `--key=value`, `--flag [true|false]` and `--no_flag` into the dataclass `cls`; an unknown key
+    or a value of the wrong type is one line. Hand-written: argparse reads a value such as `-1e-6` as an option,
+    and HfArgumentParser wants help texts as field metadata instead of the comment beside each field."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
         print_help(cls)
         raise SystemExit(0)
+    types = {f.name: {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+             for f in dataclasses.fields(cls)}
     values, i = {}, 0
     while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise SystemExit(f"error: expected --key, got {token!r}")
-        key, _, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        negated = key.startswith("no_") and key[3:] in fields and fields[key[3:]].type in (bool, "bool")
-        if key not in fields and not negated:
-            raise SystemExit(f"error: unknown argument --{key}; known: {', '.join('--' + k for k in fields)}")
-        name = key[3:] if negated else key
-        ftype = fields[name].type
-        if ftype in (bool, "bool"):
-            if negated:
-                values[name] = False
-            elif value:
-                values[name] = value.lower() in ("1", "true", "yes")
-            elif i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0"):
-                values[name], i = argv[i + 1].lower() in ("true", "1"), i + 1
-            else:
-                values[name] = True
+        key, eq, value = argv[i].partition("=")
+        name = key[2:].replace("-", "_")
+        if not key.startswith("--"):
+            raise SystemExit(f"error: expected --key, got {argv[i]!r}")
+        if name.startswith("no_") and types.get(name[3:]) is bool:
+            values[name[3:]] = False
+        elif name not in types:
+            raise SystemExit(f"error: unknown argument --{name}; known: {', '.join('--' + k for k in types)}")
+        elif types[name] is bool:
+            if not eq and argv[i + 1: i + 2] and argv[i + 1].lower() in ("true", "false", "1", "0"):
+                i, value = i + 1, argv[i + 1]
+            values[name] = value.lower() in ("1", "true", "yes") if value else True
         else:
-            if not value and "=" not in token:
+            if not eq:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"error: --{key} needs a value")
-                value, i = argv[i + 1], i + 1
-            cast = {"int": int, "float": float, "str": str}.get(ftype, ftype) if isinstance(ftype, str) else ftype
+                    raise SystemExit(f"error: --{name} needs a value")
+                i, value = i + 1, argv[i + 1]
             try:
-                values[name] = cast(value)
+                values[name] = types[name](value)
             except ValueError:
-                raise SystemExit(f"error: --{key} expects {getattr(cast, '__name__', cast)}, got {value!r}")
+                raise SystemExit(f"error: --{name} expects {types[name].__name__}, got {value!r}")
         i += 1
     return cls(**values)
 
@@ -91,8 +70,8 @@ def print_help(cls):
 
 
 def check_args(args):
-    """Validate the options before anything is loaded or built: one line naming the option and the allowed
-    range. Fields a method does not have (beta for the reward model, say) are skipped."""
+    """Every option in range before anything loads: one line naming the option and what it allows. Fields a
+    method does not have (beta for the reward model, say) are skipped."""
     finite = math.isfinite
     rules = [  # (option, test, allowed)
         ("n_gt", lambda v: v >= 1, ">= 1"), ("n_w2s", lambda v: v >= 1, ">= 1"), ("n_test", lambda v: v >= 1, ">= 1"),
@@ -135,8 +114,7 @@ def check_args(args):
 
 
 def check_out_dir(path):
-    """--out_dir must be a folder this process can write, or one it can create: its nearest existing ancestor
-    is a writable folder. Checked before anything trains; nothing is created here."""
+    """--out_dir is a folder this process can write or create (its nearest existing ancestor is writable)."""
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
@@ -171,10 +149,8 @@ def check_model_name(option, name):
 # models
 
 def resolve_models(args, splits):
-    """{role: folder or Hub id} for the weak, strong and (if given) intermediate models. A Hub id or local path
-    is used as is; `tiny:LxD` is built (once, toy.build_tiny) on the texts of the gt, w2s and test splits; a
-    `.gguf` file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder under
-    `<out_dir>/models`."""
+    """{role: folder or Hub id} of the weak, strong and intermediate models: `tiny:LxD` built once (toy.py) on the
+    splits' texts, a `.gguf` file or `NAME:firstK` converted once (converted), anything else as it is."""
     models = {}
     for role in ("weak", "strong", "intermediate"):
         name = getattr(args, role)
@@ -191,8 +167,7 @@ def resolve_models(args, splits):
 
 
 def converted(name, root):
-    """A `.gguf` file or a `NAME:firstK` spelling -> its folder under `root`, converted once by pretrained.resolve
-    (imported only then); a Hub id or a local folder is returned as it is."""
+    """A `.gguf` file or a `NAME:firstK` spelling -> its folder under `root` (pretrained.py, imported only then)."""
     if name.endswith(".gguf") or re.search(r":first\d+$", name):
         import pretrained
         return pretrained.resolve(name, root)
@@ -206,13 +181,11 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")[-60:]
 
 
-# Options that change no number of a run: they trade memory for time, or say what to run and how to print.
-# Neither a run folder's name nor a stage's cache key holds them.
+# Options that change no number of a run (memory for time, what to run, how to print): in no folder name or key.
 NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_ckpt", "fsdp_cpu_offload", "bench",
              "bench_model")
-# Options that choose a stage's data, model or loss: a stage's key holds what they chose (digests of its data
-# and model, its max length and alpha), so that a stage re-runs exactly when what it reads changes. eval_every
-# enters only a student's key (only students write eval_curve.jsonl).
+# Options that choose a stage's data, model or loss: its key holds what they chose (stage_key), so that a stage
+# re-runs exactly when what it reads changes (eval_every: only students write eval_curve.jsonl).
 SELECTION = ("eval_every", "data", "n_gt", "n_w2s", "n_test", "n_extra", "helpful", "weak", "strong", "intermediate",
              "max_len", "weak_max_len", "alpha", "hard_labels", "conf_threshold", "conf_scale", "drop_weak_errors")
 
@@ -231,10 +204,9 @@ def run_dir(args, method):
 
 
 def open_run(args, method):
-    """Create or reopen the run folder and lock it for this process: a second live run in the same folder is
-    refused. The lock is an flock on `.lock`, which the OS releases when the process ends, however it ends,
-    so a killed run never leaves it stuck. A report left by an earlier run is removed at once, so the report
-    beside config.json is always this configuration's. Returns (folder, open lock file: keep it open)."""
+    """Create or reopen the run folder, locked for this process (an flock, which the OS releases however the
+    process ends), and remove an earlier run's report: the report beside config.json is always this one's.
+    Returns (folder, open lock file: keep it open)."""
     import fcntl
     path = run_dir(args, method)
     path.mkdir(parents=True, exist_ok=True)
@@ -270,9 +242,8 @@ class Run:
 
 
 def start_run(args, method, code_files):
-    """Join the process group under torchrun, load the data splits, open and lock the run folder, build or
-    resolve the models, digest the code. Under torchrun rank 0 opens the folder and builds the models first;
-    the other ranks then find them built."""
+    """Load the data splits, open and lock the run folder, build or resolve the models, digest the code (under
+    torchrun rank 0 does it first; the other ranks then find the models built)."""
     common.init_distributed()
     print(f"[{method}] precision {args.precision}" + (" (bf16 autocast over fp32 weights; heads, log-probs and losses "
                                                       "in fp32)" if args.precision == "bf16" else ""))
@@ -286,16 +257,12 @@ def start_run(args, method, code_files):
 
 
 # ----------------------------------------------------------------------------------------------------
-# stages: main() guards each one with the cache
-#     key = runs.stage_key(run, role, ...)            what the stage reads
-#     stage = runs.load_stage(run, name, key)          its summary if it finished before, else None
-#     if stage is None:                                 (then its folder is empty)
-#         stage = runs.save_stage(run, name, key, *train_and_predict(...))
+# stages: main() guards each one (key = stage_key(...); load_stage(...), and if None, train and save_stage(...))
 
 def stage_key(run, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0, curve=False):
-    """The cache key of a stage that trains a fresh `role` model on `pairs` with `targets`, scores `test_pairs`
-    (and labels `label_pairs`): the training options, the model's digest, max_len, alpha, the data and the code.
-    curve: a student scored during training (--eval_every), whose eval_curve.jsonl the measures compute."""
+    """The key of a stage that trains a fresh `role` model on `pairs` with `targets` and scores `test_pairs` (and
+    `label_pairs`): the options, the model, max_len, alpha, the data and the code; with curve (--eval_every)
+    the measures too, which compute its eval_curve.jsonl."""
     data = digest(pairs_digest(pairs, targets), pairs_digest(test_pairs), pairs_digest(label_pairs or []))
     reads = dict(model=run.model_digests[role], max_len=max_len, alpha=alpha, data=data, **run.code)
     if curve:
@@ -304,9 +271,9 @@ def stage_key(run, role, max_len, pairs, targets, test_pairs, label_pairs=None, 
 
 
 def load_stage(run, name, key):
-    """The summary of the finished stage `name` with this key, here or in a sibling run folder (a weak ceiling
-    shared by runs with different strong models trains once, and is copied), or None: then the stage's folder
-    is made empty (what a stage cut short left is wiped), ready for the stage to write into. --force: None."""
+    """The summary of the finished stage `name` with this key, here or copied from a sibling run folder (a weak
+    ceiling shared by runs with other strong models trains once), or None: then its folder is empty (what a
+    stage cut short left is wiped), ready for the stage."""
     stage_dir = run.root / name
     hit = from_rank0(None if run.args.force or rank() != 0 else find_cached(stage_dir, name, key))  # rank 0 looks
     if hit is None:
@@ -319,9 +286,9 @@ def load_stage(run, name, key):
 
 
 def save_stage(run, name, key, summary, outputs):
-    """Write a finished stage's `outputs` ({file name: rows with a "margin"}) whole into its folder, then its
-    stage.json (summary + key + code + file digests) last: a stage without stage.json is unfinished. A margin
-    that is not finite stops the run; a training curve that diverged is said and recorded. Returns the summary."""
+    """Write a stage's `outputs` ({file: rows with a "margin"}) whole, then stage.json (summary, key, code, file
+    digests) last: a stage without it is unfinished. A margin that is not finite stops the run; a diverged
+    training curve is said and recorded. Returns the summary."""
     barrier()  # torchrun: every rank finished, so a rank that failed never lets rank 0 write stage.json
     if rank() != 0:
         return from_rank0(None)
@@ -344,8 +311,7 @@ def save_stage(run, name, key, summary, outputs):
 
 def find_cached(stage_dir, name, key):
     """The summary of a finished stage with this key, here or in a sibling run folder (then copied here), or None.
-    A stage counts as finished only if its stage.json reads back and every file it lists still has the digest
-    it was written with: a damaged or half-copied stage is re-run (and this says so), never read."""
+    A damaged or half-copied stage (read_stage) is re-run, never read."""
     for candidate in [stage_dir, *sorted(p for p in stage_dir.parent.parent.glob(f"*/{name}") if p != stage_dir)]:
         saved = read_stage(candidate)
         if saved is None or saved.get("key") != key:
@@ -362,8 +328,8 @@ def find_cached(stage_dir, name, key):
 
 
 def read_stage(stage_dir):
-    """A stage folder's stage.json, if it is whole and its files match it; else None (with a warning when the
-    folder was damaged: unreadable stage.json, a listed file missing or changed)."""
+    """A stage folder's stage.json if it reads back and every file it lists has its recorded digest, else None
+    (with a warning when the folder was damaged)."""
     done = Path(stage_dir) / "stage.json"
     if not done.exists():
         return None
@@ -383,19 +349,16 @@ def read_stage(stage_dir):
 
 
 def read_predictions(stage):
-    """A finished stage's predictions.jsonl rows (stage: its summary)."""
     return common.read_jsonl(Path(stage["dir"]) / "predictions.jsonl")
 
 
 def read_labels(stage):
-    """A labelling stage's labels.jsonl rows: the labels a student learns from (stage: its summary)."""
     return common.read_jsonl(Path(stage["dir"]) / "labels.jsonl")
 
 
 def curve_writer(run, name, weak, strong):
-    """evaluate(step, examples_seen, margins) for a student's training loop (--eval_every): appends its test
-    accuracy, DS and error rate in each knowledge area of the ceilings `weak` and `strong` (their summaries) at
-    that point to the stage's eval_curve.jsonl."""
+    """evaluate(step, examples_seen, margins) for a student's loop (--eval_every): appends its test accuracy, DS
+    and error rate in each knowledge area of the ceilings `weak` and `strong` to its eval_curve.jsonl."""
     known = [[row["correct"] for row in read_predictions(stage)] for stage in (weak, strong)]
 
     def evaluate(step, examples_seen, margins):
@@ -412,7 +375,6 @@ def curve_writer(run, name, weak, strong):
 # digests
 
 def digest(*parts):
-    """A short sha256 of strings or bytes."""
     h = hashlib.sha256()
     for part in parts:
         h.update(part if isinstance(part, bytes) else str(part).encode())
@@ -425,15 +387,13 @@ def pairs_digest(pairs, targets=None):
 
 
 def options_key(args, **reads):
-    """A stage's key: the training options (every option but NO_EFFECT and SELECTION) plus what the stage reads,
-    given by stage_key: its model's digest, max length, alpha, data digest, code digest."""
+    """The training options (all but NO_EFFECT and SELECTION) and what a stage reads (stage_key), hashed."""
     options = {k: v for k, v in dataclasses.asdict(args).items() if k not in NO_EFFECT + SELECTION}
     return digest(json.dumps({**options, **reads}, sort_keys=True, default=str))
 
 
 def model_digest(name):
-    """What stands for a model in a cache key: a local folder by the content of its files (replaced weights
-    under the same path are a new model); a Hub id by its name (the Hub's revision is not looked up)."""
+    """A local folder by its files' content (new weights at the same path are a new model), a Hub id by its name."""
     if not os.path.isdir(name):
         return name
     h = hashlib.sha256()
@@ -445,22 +405,21 @@ def model_digest(name):
     return h.hexdigest()[:16]
 
 
-# common.py's measures (knowledge space, DS, the conflict tax, intervals) read finished stages' predictions; the
-# code digest of a stage stops at their banner, so that a new or changed measure re-trains nothing.
+# common.py's measures read finished stages' predictions: a stage's code digest stops at their banner, so that a
+# new or changed measure re-trains nothing.
 MEASURES_BANNER = "\n# " + "-" * 100 + "\n# measures:"
 
 
 def code_digest(files):
-    """The code that computes a stage (its method script and common.py up to MEASURES_BANNER), and
-    the versions of the packages that compute it: a change to either re-runs the stage instead of mixing old
-    and new numbers."""
+    """The code that computes a stage (the method script, common.py above MEASURES_BANNER) and the versions of the
+    packages that run it: a change to either re-runs the stage instead of mixing old and new numbers."""
     import transformers
     return {"code": digest(*(Path(f).read_text().split(MEASURES_BANNER)[0] for f in files)),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
 def measures_digest():
-    """common.py from MEASURES_BANNER on: in the key of a student whose eval curve (--eval_every) they compute."""
+    """common.py from MEASURES_BANNER on: in the key of a student whose eval curve they compute."""
     text = Path(common.__file__).read_text()
     if MEASURES_BANNER not in text:
         raise RuntimeError(f"{common.__file__} has no measures banner: the stage cache would digest all of it")
@@ -475,8 +434,7 @@ def file_digest(path):
 # health checks
 
 def check_finite(values, where):
-    """Stop the run if a margin is NaN or infinite: such a number would be reported as an accuracy, or turned
-    into a weak label, as if it meant something."""
+    """Stop the run at a NaN or infinite margin, which would otherwise become an accuracy or a weak label."""
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise SystemExit(f"error: {where}: {len(bad)} of {len(values)} margins are not finite (first: pair {bad[0]}): "
@@ -484,9 +442,8 @@ def check_finite(values, where):
 
 
 def training_health(losses):
-    """Divergence check of one training curve (losses per optimizer step): it diverged if its final loss (the
-    mean of the last tenth of the steps) is more than twice its first step's loss plus 0.1. Every loss here
-    starts near its chance value (log 2 for the pairwise losses), so a working run ends near or below it."""
+    """A training curve diverged if its final loss (mean of the last tenth of the steps) exceeds twice its first
+    plus 0.1: every loss here starts near its chance value (log 2), and a working run ends near or below it."""
     tail = losses[-max(1, len(losses) // 10):]
     first, final = losses[0], sum(tail) / len(tail)
     return {"first_loss": first, "final_loss": final, "diverged": final > 2 * first + 0.1}
@@ -496,9 +453,8 @@ def training_health(losses):
 # files: written whole or not at all
 
 def write_atomic(path, text):
-    """Write a file whole or not at all: a temporary file beside it, then a rename. The file gets the usual
-    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure. Under
-    torchrun only rank 0 writes (every rank holds the same values)."""
+    """A file whole or not at all (a temporary file beside it, then a rename), with the usual permissions (0666
+    less the umask, not mkstemp's 0600). Under torchrun rank 0 writes."""
     if rank() != 0:
         return
     path = Path(path)
@@ -530,8 +486,7 @@ def write_jsonl(path, rows):
 def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     """Every number of the experiment from the stages' predictions: accuracies, PGR, knowledge space, DS, the
     length baseline, and notes on what makes a number not valid (divergence, no capability gap, length)."""
-    correct = {name: [row["correct"] for row in read_predictions(st)] for name, st in stages.items()}  # read once
-
+    correct = {name: [row["correct"] for row in read_predictions(st)] for name, st in stages.items()}
     weak, strong = stages["weak"], stages["strong"]
     results = {"config": dataclasses.asdict(args), "data": data_stats, "models": {}, "students": {}}
     for name, st in stages.items():
@@ -583,8 +538,7 @@ def fmt(x, digits=3):
     return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-def rate(x, ci):
-    """A rate with its 95% interval: "0.693 [0.58, 0.79]" ("–" for an empty area)."""
+def rate(x, ci):  # "0.693 [0.58, 0.79]"; "–" for an empty area
     return fmt(x) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
@@ -662,7 +616,7 @@ def render_report(results, title):
 
 
 def report(run, stages, title, extra_metrics=()):
-    """Write results.json and report.md into the run folder, print the report, and return the results."""
+    """results.json and report.md into the run folder; prints the report, returns the results."""
     results = build_results(stages, run.args, run.data_stats, run.splits["test"], extra_metrics)
     results["method"], results["run_dir"] = run.method, str(run.root)
     a = run.args

@@ -106,7 +106,7 @@ def synthetic_splits(root, n=60):
 def splits_dir(tmp_path_factory):
     src = data_source("hh-single-turn")
     if src is not None:
-        # measured, and stated in ../shared/data/README.md
+        # counted on the paper's three files: 2 test pairs share a text with gt or w2s; prompts differ in 6, 7, 14
         return src, {"n": 4000, "dropped": {"test_text_overlap": 2}, "mismatch": {"gt": 6, "w2s": 7, "test": 14}}
     root = tmp_path_factory.mktemp("hh-single-turn")
     return root, synthetic_splits(root)

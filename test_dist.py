@@ -145,7 +145,7 @@ def gradient_worker(method, model_path, pairs_file, out_file):
         from transformers import AutoModel
         model = rm_w2s.RewardModel(common.load_model(model_path, AutoModel, tok, device))
         torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head (the default) passes no gradient to the body
-        model = common.shard(model)
+        model = common.shard(model) if common.world_size() > 1 else model
         args = rm_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
         encoded = rm_w2s.encode(tok, pairs, 128)
         model.eval()
@@ -157,7 +157,8 @@ def gradient_worker(method, model_path, pairs_file, out_file):
                      desc="grad")
     else:
         from transformers import AutoModelForCausalLM
-        model = common.shard(common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True))
+        model = common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True)
+        model = common.shard(model) if common.world_size() > 1 else model
         args = dpo_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
         encoded = common.encode_pairs(tok, pairs, 128)
         model.eval()

@@ -750,27 +750,27 @@ def test_eval_every_changes_no_training_and_ends_at_the_report(method, data_dir,
     assert not (Path(curved["run_dir"]) / "weak" / "eval_curve.jsonl").exists()  # ceilings are not students
 
 
-# ---- copying works: the three files of `make rm`, alone in an empty folder, run the experiment
-
-RM_FILES = ("rm_w2s.py", "common.py", "runs.py")
+# ---- copying works: the three files of `make rm` (or `make dpo`, `make simpo`), alone in an empty folder, run it
 
 
-def test_the_reward_model_experiment_runs_from_a_copy_of_its_three_files(data_dir, tiny, tiny_llama, tmp_path):
-    """STYLE.md's "copying works" and the README's file table: rm_w2s.py, common.py and runs.py, copied
-    alone into an empty folder, run the reward-model experiment there. The run is a subprocess started in that
-    folder with PYTHONPATH unset, so no other file of this repository can be imported; its models are local tiny
-    folders (conftest's GPT-2 and Llama), so it needs neither toy.py nor pretrained.py."""
+@pytest.mark.parametrize("script", ["rm_w2s.py", "dpo_w2s.py", "simpo_w2s.py"])
+def test_each_experiment_runs_from_a_copy_of_its_three_files(script, data_dir, tiny, tiny_llama, tmp_path):
+    """Copying works, as the README's file table says: the method's script, common.py and runs.py, copied alone
+    into an empty folder, run its experiment there. The run is a subprocess started in that folder with
+    PYTHONPATH unset, so no other file of this repository can be imported; its models are local tiny folders
+    (conftest's GPT-2 and Llama), so it needs neither toy.py nor pretrained.py."""
     import subprocess
     import sys
+    files = (script, "common.py", "runs.py")
     folder = tmp_path / "copy"
     folder.mkdir()
-    for name in RM_FILES:
+    for name in files:
         shutil.copy(Path(__file__).resolve().parent / name, folder / name)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "rm_w2s.py", "--data", str(data_dir), "--weak", tiny, "--strong", tiny_llama,
+        [sys.executable, script, "--data", str(data_dir), "--weak", tiny, "--strong", tiny_llama,
          "--n_gt", "16", "--n_w2s", "16", "--n_test", "16", "--n_extra", "0", "--settings", "none,explicit",
-         "--batch_size", "8", "--micro_batch", "4", "--lr", "1e-3", "--out_dir", "runs"],
+         "--batch_size", "8", "--micro_batch", "4", "--lr", "1e-3", "--epochs", "1", "--out_dir", "runs"],
         cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     root = run_root(folder / "runs")
@@ -778,8 +778,8 @@ def test_the_reward_model_experiment_runs_from_a_copy_of_its_three_files(data_di
     assert set(results["students"]) == {"none", "explicit"}
     assert set(results["models"]) == {"weak", "strong", "student-none", "student-explicit"}
     assert all(model["n"] == 16 for model in results["models"].values())
-    # nothing else was needed, nor written beside the four files but the run folders and Python's byte-code cache
-    assert sorted(p.name for p in folder.iterdir() if p.name not in ("runs", "__pycache__")) == sorted(RM_FILES)
+    # nothing else was needed, nor written beside the three files but the run folders and Python's byte-code cache
+    assert sorted(p.name for p in folder.iterdir() if p.name not in ("runs", "__pycache__")) == sorted(files)
     assert not {"toy.py", "bench.py", "pretrained.py", "sweep.py"} & {p.name for p in folder.rglob("*.py")}
 
 

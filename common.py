@@ -315,6 +315,12 @@ def encode_texts(tok, texts, max_len, eos=True, keep_response_end=False):
     return out
 
 
+def n_cut(tok, pairs, max_len, eos=True):
+    """How many of the pairs' texts are longer than max_len tokens, which encode_texts cuts (a report says it)."""
+    texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
+    return sum(len(e.ids) > max_len for e in encode_texts(tok, texts, float("inf"), eos))
+
+
 def encode_pairs(tok, pairs, max_len, eos=True, keep_response_end=False):
     enc = encode_texts(tok, [t for p in pairs for t in (p["chosen"], p["rejected"])], max_len, eos, keep_response_end)
     return list(zip(enc[0::2], enc[1::2]))

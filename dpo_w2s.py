@@ -280,6 +280,8 @@ def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs
     summary = {**common.accuracy(margins), "implicit_accuracy": common.accuracy(implicit)["accuracy"],
                "n_train": len(pairs)}
     outputs = {"predictions.jsonl": rows}
+    read = {"train": pairs, "test": test_pairs, **({"labels": label_pairs} if label_pairs is not None else {})}
+    summary["cut"] = {split: common.n_cut(tok, texts, max_len, eos=True) for split, texts in read.items()}
     if label_pairs is not None:
         label_margins = margins_of(model, encode(tok, label_pairs, max_len), pad, args.micro_batch, autocast)
         outputs["labels.jsonl"] = common.label_rows(label_margins)

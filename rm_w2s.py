@@ -280,6 +280,8 @@ def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs
     margins = test_margins()
     summary = {**common.accuracy(margins), "n_train": len(pairs)}
     outputs = {"predictions.jsonl": common.prediction_rows(margins)}
+    read = {"train": pairs, "test": test_pairs, **({"labels": label_pairs} if label_pairs is not None else {})}
+    summary["cut"] = {split: common.n_cut(tok, texts, max_len, eos=False) for split, texts in read.items()}
     if label_pairs is not None:
         label_margins = score_pairs(model, encode(tok, label_pairs, max_len), tok.pad_token_id, args.micro_batch,
                                     autocast)

@@ -490,7 +490,8 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     weak, strong = stages["weak"], stages["strong"]
     results = {"config": dataclasses.asdict(args), "data": data_stats, "models": {}, "students": {}}
     for name, st in stages.items():
-        results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", *extra_metrics) if k in st}
+        results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", "cut", *extra_metrics)
+                                   if k in st}
         results["models"][name]["code"] = st.get("code")
     notes = []
     for name, st in stages.items():
@@ -549,7 +550,8 @@ def render_report(results, title):
     lines += ["| model | accuracy | ties | test pairs | trained on |", "|---|---|---|---|---|"]
     for name, m in results["models"].items():
         lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")
-    extra = [k for m in results["models"].values() for k in m if k not in ("accuracy", "ties", "n", "n_train", "code")]
+    extra = [k for m in results["models"].values() for k in m
+             if k not in ("accuracy", "ties", "n", "n_train", "code", "cut")]
     for key in dict.fromkeys(extra):
         lines += ["", f"| model | {key} |", "|---|---|"]
         lines += [f"| {n} | {fmt(m.get(key))} |" for n, m in results["models"].items()]
@@ -612,6 +614,10 @@ def render_report(results, title):
     d = results["data"]
     lines += ["", "Data: " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, dict))
               + f"; dropped: {d['dropped'] or 'none'}"]
+    cut = {n: m["cut"] for n, m in results["models"].items() if "cut" in m}
+    if cut:
+        lines += ["", "Texts longer than the model's max_len, cut (of each split a stage read, 2 texts a pair): "
+                  + "; ".join(n + " " + ", ".join(f"{split} {k}" for split, k in c.items()) for n, c in cut.items())]
     return "\n".join(lines) + "\n"
 
 

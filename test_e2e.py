@@ -626,6 +626,29 @@ def test_nan_loss_stops_the_run_naming_stage_and_step(data_dir, tmp_path):
     assert not (root / "weak" / "stage.json").exists() and not (root / "results.json").exists()
 
 
+@pytest.mark.parametrize("method", ["rm", "dpo"])
+def test_texts_cut_to_max_len_are_counted_per_stage_and_split(method, data_dir, tmp_path):
+    """A text longer than --max_len is cut (encode_texts); each stage says how many of each split it read were,
+    in results.json and the report, counted here by encoding every text whole."""
+    module = {"rm": rm_w2s, **PO}[method]
+    results = module.main(small_argv(data_dir, tmp_path, "--settings", "none", "--max_len", "40", "--weak_max_len",
+                                     "24", *(["--epochs", "1"] if method != "rm" else [])))
+    root = Path(results["run_dir"])
+    tok = common.load_tokenizer(next(p for p in (tmp_path / "models").iterdir()))
+    splits = common.load_splits(module.Args(data=str(data_dir), n_gt=16, n_w2s=16, n_test=16, n_extra=0))[0]
+    eos = method != "rm"  # DPO and SimPO append an EOS to each response
+
+    def cut(pairs, max_len):
+        texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
+        return sum(len(e.ids) > max_len for e in common.encode_texts(tok, texts, 10**9, eos))
+    weak = results["models"]["weak"]["cut"]
+    assert weak == {"train": cut(splits["gt"], 24), "test": cut(splits["test"], 24), "labels": cut(splits["w2s"], 24)}
+    assert results["models"]["strong"]["cut"] == {"train": cut(splits["gt"], 40), "test": cut(splits["test"], 40)}
+    assert weak["test"] > results["models"]["strong"]["cut"]["test"] > 0  # the shorter window cuts more
+    report = (root / "report.md").read_text()
+    assert f"weak train {weak['train']}, test {weak['test']}, labels {weak['labels']}" in report
+
+
 def test_divergence_is_reported(data_dir, tmp_path, capsys):
     results = rm_w2s.main(small_argv(data_dir, tmp_path, "--lr", "1e3", "--settings", "none"))
     assert results["valid"] is False

@@ -845,3 +845,27 @@ def test_precision_is_in_the_config_the_report_and_every_stage_key(data_dir, tmp
     assert results["fp32"]["run_dir"] != results["bf16"]["run_dir"]
     keys = {p: json.loads((Path(r["run_dir"]) / "weak" / "stage.json").read_text())["key"] for p, r in results.items()}
     assert keys["fp32"] != keys["bf16"] and keys["auto"] == keys[native]
+
+
+# ---- calibrate.py: a ceiling's learning rate chosen on a validation split the test split never sees
+
+def test_calibration_trains_on_gt_scores_a_held_out_part_and_summarizes_its_files(data_dir, tmp_path, monkeypatch):
+    import calibrate
+    monkeypatch.setattr(calibrate, "N_TRAIN", 16)
+    monkeypatch.setattr(calibrate, "N_VAL", 8)
+    monkeypatch.chdir(tmp_path)  # its validation files go to runs/calibration-data, under the working folder
+    out = tmp_path / "calibration"
+    calibrate.calibrate(["--data", str(data_dir), "--weak", "tiny:1x32", "--lr", "1e-3", "--batch_size", "8",
+                         "--micro_batch", "4", "--out_dir", str(out)])
+    [stage] = list(out.glob("*/weak/stage.json"))
+    config = json.loads((stage.parent.parent / "config.json").read_text())
+    gt = common.read_pairs(Path(data_dir) / "harmless_train_gt.jsonl")
+    val = common.read_pairs(Path(config["data"]) / "harmless_test.jsonl")
+    assert val == gt[-8:] and not {p["chosen"] for p in val} & {p["chosen"] for p in gt[:16]}
+    margins = [row["margin"] for row in common.read_jsonl(stage.parent / "predictions.jsonl")]
+    assert len(margins) == 8
+    calibrate.summarize(out)
+    row = (out / "calibration.md").read_text().splitlines()[-1]
+    p = [1 / (1 + math.exp(-m)) for m in margins]
+    assert row.startswith(f"| tiny:1x32 | 0.001 | {sum(m > 0 for m in margins) / 8:.3f} [")
+    assert f"| {sum(abs(x - 0.5) for x in p) / 8:.3f} | {sum(abs(x - 0.5) > 0.1 for x in p) / 8:.3f} |" in row

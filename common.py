@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import zlib
 from collections import namedtuple
 from contextlib import nullcontext
 from pathlib import Path
@@ -111,22 +112,26 @@ def messages_to_text(messages):
 
 def iter_jsonl(path):
     """(line number, row) for each non-blank line of a jsonl file (gzipped if it ends in .gz). A bad line
-    stops the run with one line naming the file, the line and what is wrong."""
+    stops the run with one line naming the file, the line and what is wrong; so does a file cut short."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist")
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not content
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})")
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})")
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not content
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"error: {path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})")
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})")
+    except (EOFError, OSError, zlib.error) as e:  # a gzip file cut short (EOFError) or damaged, an unreadable disk
+        raise SystemExit(f"error: {path}: cut short or damaged after {lineno} lines ({type(e).__name__}: {e})")
 
 
 def read_jsonl(path):

@@ -249,9 +249,24 @@ def model_max_len(config):
     return None
 
 
+# A text every usable tokenizer turns into ordinary tokens (load_tokenizer)
+PROBE_TEXT = f"{HUMAN} hello there{ASSISTANT} hi"
+
+
 def load_tokenizer(path):
+    """The tokenizer of a model folder or Hub id, padding on the right with pad = EOS where it has no pad token.
+    A tokenizer that turns text into no ordinary tokens stops the run with one line naming `path`: from a
+    folder without tokenizer files transformers builds a stand-in that encodes every text as nothing, so every
+    text would be its EOS alone, every margin 0 and every test pair a tie."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the tokenizer of {path} ({str(e).strip().splitlines()[0]})")
+    ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if not set(ids) - set(tok.all_special_ids):
+        raise SystemExit(f"error: the tokenizer of {path} turns text into no ordinary tokens (a sample text -> "
+                         f"{ids[:8]}): the folder lacks its tokenizer files (save them there with save_pretrained)")
     if tok.eos_token_id is None:
         raise SystemExit(f"error: tokenizer of {path} has no EOS token")
     if tok.pad_token_id is None:

@@ -544,13 +544,20 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     for name, st in stages.items():
         results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", *extra_metrics) if k in st}
         results["models"][name]["code"] = st.get("code")
-    notes = []
+    notes, invalid = [], []
     for name, st in stages.items():
         for file, health in st.get("curves", {}).items():
             if health["diverged"]:
+                invalid.append(name)
                 notes.append(f"{name} diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
                              f"{health['final_loss']:.4g} at the end): its numbers, and every number built on them, "
                              "are not valid.")
+        # a model that scores every pair a tie tells no response from the other (a tokenizer that encodes
+        # nothing gives exactly that): its accuracy 0 is not a measurement
+        if st.get("n") and st.get("ties") == st["n"]:
+            invalid.append(name)
+            notes.append(f"{name} scored every one of the {st['n']} test pairs as a tie (margin 0): its numbers, and "
+                         "every number built on them, are not valid.")
     shorter = common.length_rule(test_pairs)
     decided = [i for i, s in enumerate(shorter) if s is not None]
     # accuracy counts an equal-length pair as wrong, like a tie; agreement reads only the pairs where the rule
@@ -582,7 +589,7 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
                 entry["delta_ds"] = entry["ds"] - base["ds"]
                 entry["delta_ds_p"] = entry["conflict_tax"]["delta_ds_p"]
     results["notes"] = notes
-    results["valid"] = not any("diverged" in n for n in notes)
+    results["valid"] = not invalid
     return results
 
 
@@ -598,7 +605,8 @@ def rate(x, ci):
 def render_report(results, title):
     lines = [f"# {title}", ""]
     if not results.get("valid", True):
-        lines += ["**These numbers are not valid: a stage diverged (see the notes below).**", ""]
+        lines += ["**These numbers are not valid: a stage diverged or scored every pair as a tie (see the notes "
+                  "below).**", ""]
     lines += ["| model | accuracy | ties | test pairs | trained on |", "|---|---|---|---|---|"]
     for name, m in results["models"].items():
         lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")

@@ -287,8 +287,8 @@ def ceilings_section(rows):
 
 
 def drop_invalid(runs):
-    """Runs whose results.json says its numbers are not valid (a stage diverged) stay out of the means: they are
-    listed with the run's notes instead."""
+    """Runs whose results.json says its numbers are not valid (a stage diverged, or scored every pair a tie) stay
+    out of the means: they are listed with the run's notes instead."""
     left_out = [{"dir": r["dir"], "reason": "results.json says its numbers are not valid: " + " ".join(r["notes"])}
                 for r in runs if not r["valid"]]
     return [r for r in runs if r["valid"]], left_out

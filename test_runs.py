@@ -90,6 +90,54 @@ def test_model_folder_without_config_is_named(tmp_path):
     runs.check_model_name("strong", "org/model-name")
 
 
+def broken_model(tiny, folder, damage):
+    """A copy of the tiny model folder with its tokenizer files or weights removed, or its weights cut short."""
+    shutil.copytree(tiny, folder)
+    weights = folder / "model.safetensors"
+    if damage == "no tokenizer":
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                f.unlink()
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def test_a_tokenizer_that_encodes_nothing_stops_the_run_naming_the_folder(tmp_path, tiny):
+    """transformers loads a folder without tokenizer files with a stand-in tokenizer that encodes every text as
+    no tokens: every text would be its EOS alone, every margin 0, every test pair a tie."""
+    folder = broken_model(tiny, tmp_path / "no-tokenizer", "no tokenizer")
+    with pytest.raises(SystemExit) as info:
+        common.load_tokenizer(str(folder))
+    message = str(info.value)
+    assert message.startswith(f"error: the tokenizer of {folder} turns text into no ordinary tokens") \
+        and "\n" not in message, message
+    assert common.load_tokenizer(tiny).eos_token_id is not None
+
+
+def test_a_report_whose_test_pairs_are_all_ties_is_not_valid(tmp_path):
+    """A model that calls every test pair a tie has accuracy 0.000 for no reason it learnt: never a valid report."""
+    pairs = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}
+             for i in range(4)]
+
+    def results(weak_margins):
+        stages = {}
+        for name, margins in (("weak", weak_margins), ("strong", [1.0, 2.0, 1.0, -1.0]),
+                              ("student-none", [1.0, -1.0, 1.0, 1.0])):
+            (tmp_path / name).mkdir(exist_ok=True)
+            runs.write_jsonl(tmp_path / name / "predictions.jsonl", common.prediction_rows(margins))
+            stages[name] = {**common.accuracy(margins), "n_train": 4, "dir": str(tmp_path / name)}
+        return runs.build_results(stages, rm_w2s.Args(), {"dropped": {}}, pairs)
+
+    assert results([1.0, -1.0, 0.0, 1.0])["valid"] is True  # one tie among real margins is just a wrong pair
+    tied = results([0.0] * 4)
+    assert tied["valid"] is False
+    assert any(n.startswith("weak scored every one of the 4 test pairs as a tie") for n in tied["notes"]), tied["notes"]
+    assert "These numbers are not valid" in runs.render_report(tied, "t")
+
+
 # ---- health checks
 
 def test_training_health_flags_divergence():

@@ -4,7 +4,7 @@ its loss, its model, its training loop and its experiment in main()).
 Contents, in file order:
   device, seeds  seed_everything, device, resolve_precision, autocast
   data           split_prompt, filter_single_turn, read_jsonl, read_pairs, load_splits (hh, cai, a folder, toy)
-  models         model_max_len, load_tokenizer, load_model, FP32Head, sdpa_fp32
+  models         model_max_len, load_tokenizer, load_model, check_weights, FP32Head, sdpa_fp32
   tokens         Encoded, encode_texts, encode_pairs, example_texts (the training example every method uses)
   batches        pad_texts (a row per text), pack_pairs (a pair per row), collate, row_lengths, check_packing,
                  make_batches, score_by_length
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import zipfile
 import zlib
 from collections import namedtuple
 from contextlib import nullcontext
@@ -281,6 +282,8 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
     turn gradient checkpointing off in Hugging Face models). pack: check that the model can
     take packed pairs (check_packing). precision bf16 on a CPU: attention in fp32 (sdpa_fp32)."""
     from transformers import AutoConfig
+    if os.path.isdir(path):
+        check_weights(path)
     config = AutoConfig.from_pretrained(path)
     for key, value in vars(config).items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
@@ -305,6 +308,42 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
     if pack:
         check_packing(model, tok.pad_token_id)
     return model
+
+
+def check_weights(folder):
+    """A model folder's weights are all there and whole, or the run stops with one line naming the folder
+    (transformers' own errors for a missing or cut weights file name no folder). Cheap: a safetensors file's
+    header gives each tensor's bytes, which a cut file no longer covers; a torch .bin is a zip archive whose
+    directory sits at its end. Shards are read from the index file, as transformers reads them."""
+    from safetensors import SafetensorError, safe_open
+    folder = Path(folder)
+    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: {index}: not a weights index ({type(e).__name__}: {e})")
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()][:1]
+    if not files:
+        raise SystemExit(f"error: {folder} holds no weights (model.safetensors, pytorch_model.bin or a sharded "
+                         "index): give a model folder saved with save_pretrained")
+    for name in files:
+        file = folder / name
+        if not file.is_file():
+            raise SystemExit(f"error: {folder}: {name}, listed in {index.name}, is missing")
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(file, framework="pt"):
+                    pass
+            else:
+                with open(file, "rb") as f:
+                    zipped = f.read(4) == b"PK\x03\x04"  # torch >= 1.6; the older pickle format is not checked
+                if zipped:
+                    zipfile.ZipFile(file).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as e:
+            raise SystemExit(f"error: {folder}: {name} is cut short or damaged ({e}); copy or download it again")
 
 
 class FP32Head(nn.Module):

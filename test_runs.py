@@ -12,6 +12,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 import common
 import dpo_w2s
@@ -115,6 +116,18 @@ def test_a_tokenizer_that_encodes_nothing_stops_the_run_naming_the_folder(tmp_pa
     assert message.startswith(f"error: the tokenizer of {folder} turns text into no ordinary tokens") \
         and "\n" not in message, message
     assert common.load_tokenizer(tiny).eos_token_id is not None
+
+
+@pytest.mark.parametrize("damage", ["no weights", "cut weights"])
+def test_missing_or_cut_weights_stop_the_load_naming_the_folder(tmp_path, tiny, damage):
+    from transformers import AutoModel
+    folder = broken_model(tiny, tmp_path / "model", damage)
+    tok = common.load_tokenizer(str(folder))
+    with pytest.raises(SystemExit) as info:
+        common.load_model(str(folder), AutoModel, tok, torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith(f"error: {folder}") and "\n" not in message, message
+    assert ("cut short" in message) == (damage == "cut weights")
 
 
 def test_a_report_whose_test_pairs_are_all_ties_is_not_valid(tmp_path):

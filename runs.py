@@ -4,7 +4,7 @@ and parallel.py, not this file).
 
 Contents, in file order:
   options      parse_args (into the Args dataclass), print_help, check_args, check_out_dir, check_model_name
-  models       resolve_models (Hub ids and folders as they are; tiny:, .gguf and NAME:firstK built once)
+  models       resolve_models (Hub ids and folders checked, check_model; tiny:, .gguf and NAME:firstK built once)
   run folders  slug, NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run
   stages       cached (one stage, cached), read_predictions, read_labels, curve_writer, stage_key, cached_stage,
                find_cached, read_stage
@@ -174,20 +174,41 @@ def resolve_models(args, splits):
     """{role: (folder or Hub id, digest)} for the weak, strong and (if given) intermediate models. A Hub id or
     local path is used as is; `tiny:LxD` is built (once, toy.build_tiny) on the texts of the gt, w2s and test
     splits; a `.gguf` file or a `NAME:firstK` spelling is converted (once) by pretrained.resolve into a folder
-    under `<out_dir>/models`. The digest stands for the model in stage cache keys (model_digest)."""
+    under `<out_dir>/models`. The digest stands for the model in stage cache keys (model_digest). Every Hub id
+    and folder given as it is is checked (check_model) before anything is built, and a converted folder once it
+    is: a misspelt --strong stops the run before the weak ceiling trains, not after."""
+    names = {role: getattr(args, role) for role in ("weak", "strong", "intermediate") if getattr(args, role)}
+    for role, name in names.items():
+        if not (name.startswith("tiny:") or name.endswith(".gguf") or re.search(r":first\d+$", name)):
+            check_model(role, name)
     models = {}
-    for role in ("weak", "strong", "intermediate"):
-        name = getattr(args, role)
-        if not name:
-            continue
+    for role, name in names.items():
         if name.startswith("tiny:"):
             import toy
             texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
             path = toy.build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
         else:
             path = converted(name, Path(args.out_dir) / "models")
+            if path != name:
+                check_model(role, path)  # a cut model keeps its source's tokenizer, a stand-in one included
         models[role] = (path, model_digest(path))
     return models
+
+
+def check_model(option, name):
+    """A Hub id or local model folder has a config transformers reads, a tokenizer that encodes text, and (a
+    folder) whole weights; else one line naming --option and the model. Weights on the Hub are not downloaded
+    here: that is the ceiling's own first step."""
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = "" if os.path.isdir(name) else " (not a local folder: looked up on the Hugging Face Hub)"
+        raise SystemExit(f"error: --{option} {name}: no model config could be read{where}: "
+                         f"{str(e).strip().splitlines()[0]}")
+    if os.path.isdir(name):
+        common.check_weights(name)
+    common.load_tokenizer(name)
 
 
 def converted(name, root):

@@ -130,6 +130,25 @@ def test_missing_or_cut_weights_stop_the_load_naming_the_folder(tmp_path, tiny, 
     assert ("cut short" in message) == (damage == "cut weights")
 
 
+@pytest.mark.parametrize("damage", ["no tokenizer", "no weights", "cut weights", "misspelt Hub id"])
+def test_every_model_is_found_or_refused_before_the_first_stage(tmp_path, tiny, damage, monkeypatch):
+    """A broken --strong stops the run with one line naming it before the weak ceiling trains (the tokenizer
+    case used to run to the end and report accuracy 0.000 as valid)."""
+    if damage == "misspelt Hub id":
+        import huggingface_hub.constants
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait: found or not
+        strong = "nobody-w2s-test/no-such-model"
+    else:
+        strong = str(broken_model(tiny, tmp_path / "strong-model", damage))
+    with pytest.raises(SystemExit) as info:
+        rm_w2s.main(["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--settings", "none",
+                     "--n_extra", "0", "--weak", "tiny:1x32", "--strong", strong, "--batch_size", "8",
+                     "--micro_batch", "8", "--log_every", "1000", "--out_dir", str(tmp_path / "runs")])
+    message = str(info.value)
+    assert message.startswith("error: ") and strong in message and "\n" not in message, message
+    assert not list((tmp_path / "runs").glob("*/weak")), "no stage may start before every model is found"
+
+
 def test_a_report_whose_test_pairs_are_all_ties_is_not_valid(tmp_path):
     """A model that calls every test pair a tie has accuracy 0.000 for no reason it learnt: never a valid report."""
     pairs = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}

@@ -123,6 +123,14 @@ def check_args(args):
     settings = args.settings.split(",")
     if not settings or not set(settings) <= {"none", "implicit", "explicit"}:
         raise SystemExit(f"error: --settings takes none, implicit, explicit (comma-separated); got {args.settings!r}")
+    # a conflict student without its conflict trains on exactly the no-conflict student's data and loss, and
+    # would be reported as a conflict result
+    if "implicit" in settings and args.n_extra == 0:
+        raise SystemExit("error: --settings implicit learns from --n_extra helpfulness pairs, and --n_extra is 0: "
+                         "give --n_extra > 0 or leave implicit out of --settings")
+    if "explicit" in settings and getattr(args, "alpha", None) == 0:
+        raise SystemExit("error: --settings explicit weighs its conflict term by --alpha, and --alpha is 0: "
+                         "give --alpha > 0 or leave explicit out of --settings")
     for option in ("weak", "strong", "intermediate"):
         if getattr(args, option):
             check_model_name(option, getattr(args, option))

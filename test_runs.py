@@ -91,6 +91,23 @@ def test_model_folder_without_config_is_named(tmp_path):
     runs.check_model_name("strong", "org/model-name")
 
 
+@pytest.mark.parametrize("module,argv,setting", [
+    (rm_w2s, ["--settings", "none,implicit", "--n_extra", "0"], "implicit"),
+    (dpo_w2s, ["--n_extra", "0"], "implicit"),  # the default settings hold implicit
+    (simpo_w2s, ["--settings", "none,explicit", "--alpha", "0"], "explicit"),
+])
+def test_a_conflict_setting_without_its_conflict_is_refused(module, argv, setting, tmp_path):
+    """An implicit student without helpfulness pairs, or an explicit one whose term weighs 0, would train on the
+    no-conflict student's data and loss and be reported as a conflict result (ΔDS 0.0)."""
+    args = runs.parse_args(module.Args, ["--data", "toy", "--out_dir", str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as info:
+        runs.check_args(args)
+    message = str(info.value)
+    assert message.startswith(f"error: --settings {setting} ") and "\n" not in message, message
+    runs.check_args(runs.parse_args(module.Args, ["--data", "toy", "--out_dir", str(tmp_path), "--settings", "none",
+                                                  "--n_extra", "0", "--alpha", "0"]))  # no conflict asked for: fine
+
+
 def broken_model(tiny, folder, damage):
     """A copy of the tiny model folder with its tokenizer files or weights removed, or its weights cut short."""
     shutil.copytree(tiny, folder)
@@ -280,7 +297,8 @@ def test_broken_gguf_is_one_line(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"garbage")  # 15 bytes: magic, version, garbage
     rc, out, err = run_script(["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--n_extra", "0",
-                               "--weak", broken, "--strong", "tiny:1x32", "--out_dir", tmp_path / "runs"], tmp_path)
+                               "--settings", "none", "--weak", broken, "--strong", "tiny:1x32",
+                               "--out_dir", tmp_path / "runs"], tmp_path)
     lines = err.strip().splitlines()
     assert rc == 1 and "Traceback" not in err, err
     assert lines[-1].startswith(f"error: {broken}: not a readable GGUF model ("), err

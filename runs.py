@@ -358,8 +358,11 @@ def curve_writer(path, weak_correct, strong_correct):
         row = {"step": step, "examples_seen": examples_seen, **common.accuracy(margins), "ds": space["ds"],
                "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
         if rank() == 0:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # a full disk: one line with the file, as write_atomic says it
+                raise SystemExit(f"error: cannot write {path}: {e.strerror or e} (errno {e.errno})")
     return evaluate
 
 
@@ -533,22 +536,28 @@ def check_step_loss(loss, where, step):
 
 def write_atomic(path, text):
     """Write a file whole or not at all: a temporary file beside it, then a rename. The file gets the usual
-    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure. Under
-    torchrun only rank 0 writes (every rank holds the same values)."""
+    permissions (0666 less the umask), not mkstemp's 0600, and no temporary file outlives a failure. A write
+    the system refuses (a full disk, a folder turned read-only) stops the run with one line naming the file:
+    the OSError itself names none. Under torchrun only rank 0 writes (every rank holds the same values)."""
     if rank() != 0:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SystemExit(f"error: cannot write {path}: {e.strerror or e} (errno {e.errno}); nothing of it was "
+                             "kept, and a stage whose files are not all written is run again next time")
         raise
 
 

@@ -3,6 +3,7 @@ atomic writes, the health checks that stop or flag a run, and damaged files and 
 line naming what is wrong.
 """
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -217,6 +218,45 @@ def test_write_atomic_respects_the_umask_and_leaves_no_temp_file(tmp_path):
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_stage_is_not_accepted(tmp_path, monkeypatch):
+    """The OSError of a full disk names no file; the run stops with one line that does, leaves no temporary file,
+    and the stage whose stage.json could not be written is computed again next time, never read half-written."""
+    real_fdopen, full, computed = os.fdopen, [False], []
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **kw: FullDisk(real_fdopen(fd, *a, **kw)) if full[0]
+                        else real_fdopen(fd, *a, **kw))
+
+    def compute(stage_dir):
+        runs.write_jsonl(stage_dir / "predictions.jsonl", common.prediction_rows([1.0, -1.0]))
+        computed.append(stage_dir)
+        full[0] = len(computed) == 1  # the disk fills up after the first computation's predictions
+        return common.accuracy([1.0, -1.0])
+
+    stage_dir = tmp_path / "run" / "weak"
+    with pytest.raises(SystemExit) as info:
+        runs.cached_stage(tmp_path / "run", "weak", "key", compute)
+    assert str(info.value).startswith(f"error: cannot write {stage_dir / 'stage.json'}: No space left on device") \
+        and "\n" not in str(info.value), str(info.value)
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["predictions.jsonl"]  # no temporary file, no stage.json
+    assert runs.find_cached(stage_dir, "weak", "key") is None
+    full[0] = False  # space freed: the stage is computed again, then read from the cache
+    assert runs.cached_stage(tmp_path / "run", "weak", "key", compute)["accuracy"] == 0.5
+    assert runs.cached_stage(tmp_path / "run", "weak", "key", compute)["key"] == "key" and len(computed) == 2
 
 
 def test_cache_digests_follow_code_models_and_what_a_stage_reads(tmp_path, tiny):

@@ -37,7 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import common
-from runs import NO_EFFECT, fmt, parse_args, rate, read_stage, slug, write_atomic, write_json
+from runs import NO_EFFECT, check_out_dir, fmt, parse_args, rate, read_stage, slug, write_atomic, write_json
 
 METHODS = ("rm", "dpo", "simpo")
 SETTINGS = ("none", "implicit", "explicit")  # the report's order; settings unknown here follow
@@ -761,6 +761,7 @@ def write_outputs(sweep, out_dir, command):
 
 def main(argv=None):
     cli = parse_cli(argv)
+    check_out_dir(cli.out_dir)  # before a grid runs for hours, not when its summary is written
     if cli.grid:
         runs, left_out = run_grid(parse_grid(cli.grid), cli.args, cli.out_dir, cli.jobs)
     else:

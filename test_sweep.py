@@ -10,6 +10,7 @@ import re
 import shlex
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -193,6 +194,24 @@ def test_damaged_config_json_is_read_from_results_json_or_the_run_named_and_left
     [row] = [r for r in result["ceilings"] if r["dir"] == str(damaged / "weak")]
     assert (row["model"], row["lr"], row["seed"]) == ("tiny:1x32", 3e-4, 3)
     assert lost.name in (tmp_path / "out" / "sweep.md").read_text().split("## Left out")[1]
+
+
+def test_out_dir_not_writable_is_one_line_before_anything_runs(tmp_path):
+    """As the method scripts do: an --out_dir this user cannot write is refused up front, not with a traceback
+    from the first folder or file the sweep makes."""
+    three_seeds(tmp_path / "runs")
+    out, argv = tmp_path / "out", ["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out" / "sweep")]
+    if os.geteuid() == 0:  # root writes anywhere: check the rule on a folder whose access is refused by name
+        refused = tmp_path
+        with mock.patch("os.access", return_value=False), pytest.raises(SystemExit) as info:
+            sweep.main(argv)
+    else:
+        refused = out
+        out.mkdir(mode=0o500)
+        with pytest.raises(SystemExit) as info:
+            sweep.main(argv)
+    assert str(info.value) == f"error: --out_dir {out / 'sweep'}: {refused} is not writable by this user"
+    assert not (out / "sweep").exists()
 
 
 def test_a_run_folder_itself_and_overlapping_paths(tmp_path):

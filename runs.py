@@ -5,7 +5,8 @@ and parallel.py, not this file).
 Contents, in file order:
   options      parse_args (into the Args dataclass), print_help, check_args, check_out_dir, check_model_name
   models       resolve_models (Hub ids and folders checked, check_model; tiny:, .gguf and NAME:firstK built once)
-  run folders  slug, NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run
+  run folders  slug, NO_EFFECT, SELECTION, config_hash, run_dir, open_run (flock), Run, start_run,
+               say_full_disk_in_one_line
   stages       cached (one stage, cached), read_predictions, read_labels, curve_writer, stage_key, cached_stage,
                find_cached, read_stage
   digests      digest, pairs_digest, model_digest, MEASURES_BANNER, code_digest, measures_digest, file_digest
@@ -15,6 +16,7 @@ Contents, in file order:
 Nothing here runs at import time.
 """
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -301,6 +303,7 @@ def start_run(args, method, code_files):
     resolve the models, digest the code. Under torchrun rank 0 opens the folder and builds the models first;
     the other ranks then find them built."""
     parallel.init_distributed()
+    say_full_disk_in_one_line(args.out_dir)
     print(f"[{method}] precision {args.precision}" + (" (bf16 autocast over fp32 weights; heads, log-probs and losses "
                                                       "in fp32)" if args.precision == "bf16" else ""))
     splits, data_stats = common.load_splits(args)
@@ -309,6 +312,21 @@ def start_run(args, method, code_files):
     barrier()
     models = models or resolve_models(args, splits)
     return Run(args, method, splits, data_stats, root, lock, models, code_digest(code_files))
+
+
+def say_full_disk_in_one_line(out_dir):
+    """A full disk ends the run with one line naming where, not a traceback whose OSError ("[Errno 28] No space
+    left on device") names no file: a training log's flush or a model being saved meets it where nothing catches
+    it. Any other uncaught error keeps its traceback. A stage cut short leaves no stage.json (it is written last),
+    so it is computed again, never read."""
+    def excepthook(kind, error, traceback):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = error.filename or f"a file under --out_dir {out_dir}"
+            print(f"error: {error.strerror} while writing {where}; free some space and run again (finished stages "
+                  "are kept)", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+    sys.excepthook = excepthook
 
 
 # ----------------------------------------------------------------------------------------------------

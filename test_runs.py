@@ -259,6 +259,33 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_stage_is_not_accepted(t
     assert runs.cached_stage(tmp_path / "run", "weak", "key", compute)["key"] == "key" and len(computed) == 2
 
 
+def test_a_disk_that_fills_up_while_training_is_one_line(tmp_path):
+    """The training log meets the full disk, where nothing catches the OSError: the run still ends with one line
+    naming --out_dir instead of a traceback, and the stage it cut short leaves no stage.json."""
+    out = tmp_path / "runs"
+    argv = ["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--n_extra", "0", "--settings", "none",
+            "--weak", "tiny:1x32", "--strong", "tiny:1x32", "--batch_size", "8", "--micro_batch", "8",
+            "--out_dir", str(out)]
+    code = f"""if True:
+        import builtins, errno, io
+        import rm_w2s
+
+        class FullDisk(io.StringIO):
+            def write(self, text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        real_open = builtins.open
+        builtins.open = lambda f, *a, **k: FullDisk() if str(f).endswith("metrics.jsonl") else real_open(f, *a, **k)
+        rm_w2s.main({argv!r})
+    """
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"error: No space left on device while writing a file under --out_dir "
+                                                 f"{out}; free some space and run again (finished stages are kept)")
+    assert list(out.glob("*/weak")) and not list(out.glob("*/weak/stage.json"))  # started, cut short, not accepted
+
+
 def test_cache_digests_follow_code_models_and_what_a_stage_reads(tmp_path, tiny):
     code = tmp_path / "code.py"
     code.write_text("x = 1\n")

@@ -11,6 +11,8 @@ import math
 import os
 import random
 import sys
+import zipfile
+import zlib
 from collections import namedtuple
 from contextlib import nullcontext
 from pathlib import Path
@@ -94,22 +96,26 @@ def messages_to_text(messages):  # CAI's chat messages -> the HH "\n\nHuman: ...
 
 def iter_jsonl(path):
     """(line number, row) for each non-blank line of a jsonl file (gzipped if it ends in .gz). A bad line
-    stops the run with one line naming the file, the line and what is wrong."""
+    stops the run with one line naming the file, the line and what is wrong; so does a file cut short."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist")
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not content
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})")
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})")
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not content
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"error: {path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})")
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})")
+    except (EOFError, OSError, zlib.error) as e:  # a gzip file cut short (EOFError) or damaged, an unreadable disk
+        raise SystemExit(f"error: {path}: cut short or damaged after {lineno} lines ({type(e).__name__}: {e})")
 
 
 def read_jsonl(path):
@@ -222,9 +228,24 @@ def model_max_len(config):
     return None
 
 
+# A text every usable tokenizer turns into ordinary tokens (load_tokenizer)
+PROBE_TEXT = f"{HUMAN} hello there{ASSISTANT} hi"
+
+
 def load_tokenizer(path):
+    """The tokenizer of a model folder or Hub id, padding on the right with pad = EOS where it has no pad token.
+    A tokenizer that turns text into no ordinary tokens stops the run with one line naming `path`: from a
+    folder without tokenizer files transformers builds a stand-in that encodes every text as nothing, so every
+    text would be its EOS alone, every margin 0 and every test pair a tie."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the tokenizer of {path} ({str(e).strip().splitlines()[0]})")
+    ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if not set(ids) - set(tok.all_special_ids):
+        raise SystemExit(f"error: the tokenizer of {path} turns text into no ordinary tokens (a sample text -> "
+                         f"{ids[:8]}): the folder lacks its tokenizer files (save them there with save_pretrained)")
     if tok.eos_token_id is None:
         raise SystemExit(f"error: tokenizer of {path} has no EOS token")
     if tok.pad_token_id is None:
@@ -237,6 +258,8 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
     """`path` with `auto_class` (AutoModel: reward models; AutoModelForCausalLM: DPO/SimPO) in fp32 master weights,
     every dropout probability 0 (not model.eval(), which silently turns gradient checkpointing off)."""
     from transformers import AutoConfig
+    if os.path.isdir(path):
+        check_weights(path)
     config = AutoConfig.from_pretrained(path)
     for key, value in vars(config).items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
@@ -261,6 +284,42 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
     if pack:
         check_packing(model, tok.pad_token_id)
     return model
+
+
+def check_weights(folder):
+    """A model folder's weights are all there and whole, or the run stops with one line naming the folder
+    (transformers' own errors for a missing or cut weights file name no folder). Cheap: a safetensors file's
+    header gives each tensor's bytes, which a cut file no longer covers; a torch .bin is a zip archive whose
+    directory sits at its end. Shards are read from the index file, as transformers reads them."""
+    from safetensors import SafetensorError, safe_open
+    folder = Path(folder)
+    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: {index}: not a weights index ({type(e).__name__}: {e})")
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()][:1]
+    if not files:
+        raise SystemExit(f"error: {folder} holds no weights (model.safetensors, pytorch_model.bin or a sharded "
+                         "index): give a model folder saved with save_pretrained")
+    for name in files:
+        file = folder / name
+        if not file.is_file():
+            raise SystemExit(f"error: {folder}: {name}, listed in {index.name}, is missing")
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(file, framework="pt"):
+                    pass
+            else:
+                with open(file, "rb") as f:
+                    zipped = f.read(4) == b"PK\x03\x04"  # torch >= 1.6; the older pickle format is not checked
+                if zipped:
+                    zipfile.ZipFile(file).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as e:
+            raise SystemExit(f"error: {folder}: {name} is cut short or damaged ({e}); copy or download it again")
 
 
 class FP32Head(nn.Module):

@@ -4,6 +4,7 @@ the code of the method script and of common.py, not of this file), and nothing r
 Sections: options, models, run folders, stages, digests, health, files, report.
 """
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -102,6 +103,14 @@ def check_args(args):
     settings = args.settings.split(",")
     if not settings or not set(settings) <= {"none", "implicit", "explicit"}:
         raise SystemExit(f"error: --settings takes none, implicit, explicit (comma-separated); got {args.settings!r}")
+    # a conflict student without its conflict trains on exactly the no-conflict student's data and loss, and
+    # would be reported as a conflict result
+    if "implicit" in settings and args.n_extra == 0:
+        raise SystemExit("error: --settings implicit learns from --n_extra helpfulness pairs, and --n_extra is 0: "
+                         "give --n_extra > 0 or leave implicit out of --settings")
+    if "explicit" in settings and getattr(args, "alpha", None) == 0:
+        raise SystemExit("error: --settings explicit weighs its conflict term by --alpha, and --alpha is 0: "
+                         "give --alpha > 0 or leave explicit out of --settings")
     for option in ("weak", "strong", "intermediate"):
         if getattr(args, option):
             check_model_name(option, getattr(args, option))
@@ -150,20 +159,41 @@ def check_model_name(option, name):
 
 def resolve_models(args, splits):
     """{role: folder or Hub id} of the weak, strong and intermediate models: `tiny:LxD` built once (toy.py) on the
-    splits' texts, a `.gguf` file or `NAME:firstK` converted once (converted), anything else as it is."""
+    splits' texts, a `.gguf` file or `NAME:firstK` converted once (converted), anything else as it is. Each Hub
+    id and folder is checked (check_model) before anything is built: a misspelt --strong stops the run before
+    the weak ceiling trains, not after."""
+    names = {role: getattr(args, role) for role in ("weak", "strong", "intermediate") if getattr(args, role)}
+    for role, name in names.items():
+        if not (name.startswith("tiny:") or name.endswith(".gguf") or re.search(r":first\d+$", name)):
+            check_model(role, name)
     models = {}
-    for role in ("weak", "strong", "intermediate"):
-        name = getattr(args, role)
-        if not name:
-            continue
+    for role, name in names.items():
         if name.startswith("tiny:"):
             import toy
             texts = [t for s in ("gt", "w2s", "test") for p in splits[s] for t in (p["chosen"], p["rejected"])]
             path = toy.build_tiny(name, texts, Path(args.out_dir) / "models", args.seed)
         else:
             path = converted(name, Path(args.out_dir) / "models")
+            if path != name:
+                check_model(role, path)  # a cut model keeps its source's tokenizer, a stand-in one included
         models[role] = path
     return models
+
+
+def check_model(option, name):
+    """A Hub id or local model folder has a config transformers reads, a tokenizer that encodes text, and (a
+    folder) whole weights; else one line naming --option and the model. Weights on the Hub are not downloaded
+    here: that is the ceiling's own first step."""
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = "" if os.path.isdir(name) else " (not a local folder: looked up on the Hugging Face Hub)"
+        raise SystemExit(f"error: --{option} {name}: no model config could be read{where}: "
+                         f"{str(e).strip().splitlines()[0]}")
+    if os.path.isdir(name):
+        common.check_weights(name)
+    common.load_tokenizer(name)
 
 
 def converted(name, root):
@@ -245,6 +275,7 @@ def start_run(args, method, code_files):
     """Load the data splits, open and lock the run folder, build or resolve the models, digest the code (under
     torchrun rank 0 does it first; the other ranks then find the models built)."""
     common.init_distributed()
+    say_full_disk_in_one_line(args.out_dir)
     print(f"[{method}] precision {args.precision}" + (" (bf16 autocast over fp32 weights; heads, log-probs and losses "
                                                       "in fp32)" if args.precision == "bf16" else ""))
     splits, data_stats = common.load_splits(args)
@@ -254,6 +285,21 @@ def start_run(args, method, code_files):
     models = models or resolve_models(args, splits)
     digests = {role: model_digest(path) for role, path in models.items()}
     return Run(args, method, splits, data_stats, root, lock, models, digests, code_digest(code_files))
+
+
+def say_full_disk_in_one_line(out_dir):
+    """A full disk ends the run with one line naming where, not a traceback whose OSError ("[Errno 28] No space
+    left on device") names no file: a training log's flush or a model being saved meets it where nothing catches
+    it. Any other uncaught error keeps its traceback. A stage cut short leaves no stage.json (it is written last),
+    so it is computed again, never read."""
+    def excepthook(kind, error, traceback):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = error.filename or f"a file under --out_dir {out_dir}"
+            print(f"error: {error.strerror} while writing {where}; free some space and run again (finished stages "
+                  "are kept)", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+    sys.excepthook = excepthook
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -454,21 +500,27 @@ def training_health(losses):
 
 def write_atomic(path, text):
     """A file whole or not at all (a temporary file beside it, then a rename), with the usual permissions (0666
-    less the umask, not mkstemp's 0600). Under torchrun rank 0 writes."""
+    less the umask, not mkstemp's 0600). A write the system refuses (a full disk, a read-only folder) stops the
+    run with one line naming the file, which the OSError itself does not. Under torchrun rank 0 writes."""
     if rank() != 0:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SystemExit(f"error: cannot write {path}: {e.strerror or e} (errno {e.errno}); nothing of it was "
+                             "kept, and a stage whose files are not all written is run again next time")
         raise
 
 
@@ -493,13 +545,20 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
         results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", "cut", *extra_metrics)
                                    if k in st}
         results["models"][name]["code"] = st.get("code")
-    notes = []
+    notes, invalid = [], []
     for name, st in stages.items():
         for file, health in st.get("curves", {}).items():
             if health["diverged"]:
+                invalid.append(name)
                 notes.append(f"{name} diverged ({file}: loss {health['first_loss']:.4g} at the first step, "
                              f"{health['final_loss']:.4g} at the end): its numbers, and every number built on them, "
                              "are not valid.")
+        # a model that scores every pair a tie tells no response from the other (a tokenizer that encodes
+        # nothing gives exactly that): its accuracy 0 is not a measurement
+        if st.get("n") and st.get("ties") == st["n"]:
+            invalid.append(name)
+            notes.append(f"{name} scored every one of the {st['n']} test pairs as a tie (margin 0): its numbers, and "
+                         "every number built on them, are not valid.")
     shorter = common.length_rule(test_pairs)
     decided = [i for i, s in enumerate(shorter) if s is not None]
     # accuracy counts an equal-length pair as wrong, like a tie; agreement reads only the pairs where the rule
@@ -531,7 +590,7 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
                 entry["delta_ds"] = entry["ds"] - base["ds"]
                 entry["delta_ds_p"] = entry["conflict_tax"]["delta_ds_p"]
     results["notes"] = notes
-    results["valid"] = not any("diverged" in n for n in notes)
+    results["valid"] = not invalid
     return results
 
 
@@ -546,7 +605,8 @@ def rate(x, ci):  # "0.693 [0.58, 0.79]"; "–" for an empty area
 def render_report(results, title):
     lines = [f"# {title}", ""]
     if not results.get("valid", True):
-        lines += ["**These numbers are not valid: a stage diverged (see the notes below).**", ""]
+        lines += ["**These numbers are not valid: a stage diverged or scored every pair as a tie (see the notes "
+                  "below).**", ""]
     lines += ["| model | accuracy | ties | test pairs | trained on |", "|---|---|---|---|---|"]
     for name, m in results["models"].items():
         lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")

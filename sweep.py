@@ -37,7 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import common
-from runs import NO_EFFECT, fmt, parse_args, rate, read_stage, slug, write_atomic, write_json
+from runs import NO_EFFECT, check_out_dir, fmt, parse_args, rate, read_stage, slug, write_atomic, write_json
 
 METHODS = ("rm", "dpo", "simpo")
 SETTINGS = ("none", "implicit", "explicit")  # the report's order; settings unknown here follow
@@ -211,13 +211,24 @@ def run_metrics(results):
     return flat
 
 
+def run_config(folder, results=None):
+    """A run's options: the copy in its results.json (the options its numbers were computed with), else its
+    config.json; None if neither reads as a dict (a damaged file must not stop a sweep of other runs)."""
+    results = read_json(folder / "results.json") if results is None else results
+    for config in (results.get("config") if isinstance(results, dict) else None,
+                   read_json(folder / "config.json")):
+        if isinstance(config, dict) and config:
+            return config
+    return None
+
+
 def load_run(folder):
     """One finished run, or None if its results.json is not a run's. The method is results["method"], else
     the folder name up to its first "-" (the scripts' naming before results.json recorded it)."""
     results = read_json(folder / "results.json")
     if not isinstance(results, dict) or not ({"models", "students"} & results.keys()):
         return None
-    config = results.get("config") or read_json(folder / "config.json") or {}
+    config = run_config(folder, results) or {}
     return {"dir": str(folder), "method": results.get("method") or folder.name.split("-")[0],
             "seed": config.get("seed"), "config": config, "metrics": run_metrics(results),
             "valid": results.get("valid") is not False, "notes": [str(n) for n in results.get("notes") or []]}
@@ -245,7 +256,7 @@ def scan(paths):
         run = load_run(folder)
         if run is not None:
             runs.append(run)
-        elif is_run_config(folder / "config.json"):
+        elif (folder / "config.json").exists():  # a run's, unless its config.json is damaged too: named either way
             left_out.append({"dir": str(folder), "reason": "results.json unreadable or not a run's"})
     return runs, left_out
 
@@ -258,7 +269,9 @@ def ceilings(paths):
     and the stage's wall time."""
     rows = {}
     for folder in run_folders(paths):
-        config = read_json(folder / "config.json") or {}
+        config = run_config(folder)
+        if config is None:  # which model a stage trained is unknown: scan names the folder among those left out
+            continue
         for role in ("weak", "strong"):
             stage = read_stage(folder / role)
             if not isinstance(stage, dict) or "accuracy" not in stage or stage.get("key") in rows:
@@ -281,14 +294,15 @@ def ceilings_section(rows):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wall = f"{r['seconds'] / 60:.0f} min" if r.get("seconds") is not None else "–"
-        lines.append(f"| {r['method']} | {r['model']} | {r['role']} | {r['seed']} | {r['lr']:g} | "
+        lr = f"{r['lr']:g}" if isinstance(r["lr"], (int, float)) else "–"
+        lines.append(f"| {r['method']} | {r['model']} | {r['role']} | {r['seed']} | {lr} | "
                      f"{r['precision'] or '–'} | {r['n_train']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {wall} |")
     return "\n".join(lines)
 
 
 def drop_invalid(runs):
-    """Runs whose results.json says its numbers are not valid (a stage diverged) stay out of the means: they are
-    listed with the run's notes instead."""
+    """Runs whose results.json says its numbers are not valid (a stage diverged, or scored every pair a tie) stay
+    out of the means: they are listed with the run's notes instead."""
     left_out = [{"dir": r["dir"], "reason": "results.json says its numbers are not valid: " + " ".join(r["notes"])}
                 for r in runs if not r["valid"]]
     return [r for r in runs if r["valid"]], left_out
@@ -747,6 +761,7 @@ def write_outputs(sweep, out_dir, command):
 
 def main(argv=None):
     cli = parse_cli(argv)
+    check_out_dir(cli.out_dir)  # before a grid runs for hours, not when its summary is written
     if cli.grid:
         runs, left_out = run_grid(parse_grid(cli.grid), cli.args, cli.out_dir, cli.jobs)
     else:

@@ -174,6 +174,22 @@ def test_bad_data_line_names_file_and_line(content, expected, tmp_path):
     assert message.startswith(f"error: {path}:") and re.search(expected, message) and "\n" not in message, message
 
 
+@pytest.mark.parametrize("damage", ["cut short", "not gzip"])
+def test_a_damaged_gzip_file_is_one_line_naming_it(damage, tmp_path):
+    """A .jsonl.gz whose copy stopped part-way (gzip's EOFError names no file) or that is not gzip at all, given
+    to --helpful: one line naming the file, before anything trains."""
+    write_split_files(tmp_path, {"train_gt": 6, "train_w2s": 6, "test": 6})
+    rows = [{"chosen": f"\n\nHuman: help {i}?\n\nAssistant: sure, {i}", "rejected": f"\n\nHuman: help {i}?\n\nAssistant: no"}
+            for i in range(300)]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    helpful = tmp_path / "helpful.jsonl.gz"
+    helpful.write_bytes(data[: len(data) // 2] if damage == "cut short" else b"not gzip\n")
+    with pytest.raises(SystemExit) as info:
+        common.load_splits(split_args(tmp_path, 6, n_extra=4, settings="none,implicit", helpful=str(helpful)))
+    message = str(info.value)
+    assert message.startswith(f"error: {helpful}: cut short or damaged after ") and "\n" not in message, message
+
+
 def write_split_files(root, sizes, identical=0):
     root.mkdir(parents=True, exist_ok=True)
     for name, n in sizes.items():

@@ -796,7 +796,7 @@ def test_each_experiment_runs_from_a_copy_of_its_three_files(script, data_dir, t
          "--batch_size", "8", "--micro_batch", "4", "--lr", "1e-3", "--epochs", "1", "--out_dir", "runs"],
         cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    root = run_root(folder / "runs")
+    root = run_root(folder / "runs", script.split("_")[0])
     results = json.loads((root / "results.json").read_text())
     assert set(results["students"]) == {"none", "explicit"}
     assert set(results["models"]) == {"weak", "strong", "student-none", "student-explicit"}

@@ -3,8 +3,10 @@ atomic writes, the health checks that stop or flag a run, and damaged files and 
 line naming what is wrong.
 """
 import dataclasses
+import errno
 import json
 import os
+import types
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 import common
 import dpo_w2s
@@ -90,6 +93,102 @@ def test_model_folder_without_config_is_named(tmp_path):
     runs.check_model_name("strong", "org/model-name")
 
 
+@pytest.mark.parametrize("module,argv,setting", [
+    (rm_w2s, ["--settings", "none,implicit", "--n_extra", "0"], "implicit"),
+    (dpo_w2s, ["--n_extra", "0"], "implicit"),  # the default settings hold implicit
+    (simpo_w2s, ["--settings", "none,explicit", "--alpha", "0"], "explicit"),
+])
+def test_a_conflict_setting_without_its_conflict_is_refused(module, argv, setting, tmp_path):
+    """An implicit student without helpfulness pairs, or an explicit one whose term weighs 0, would train on the
+    no-conflict student's data and loss and be reported as a conflict result (ΔDS 0.0)."""
+    args = runs.parse_args(module.Args, ["--data", "toy", "--out_dir", str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as info:
+        runs.check_args(args)
+    message = str(info.value)
+    assert message.startswith(f"error: --settings {setting} ") and "\n" not in message, message
+    runs.check_args(runs.parse_args(module.Args, ["--data", "toy", "--out_dir", str(tmp_path), "--settings", "none",
+                                                  "--n_extra", "0", "--alpha", "0"]))  # no conflict asked for: fine
+
+
+def broken_model(tiny, folder, damage):
+    """A copy of the tiny model folder with its tokenizer files or weights removed, or its weights cut short."""
+    shutil.copytree(tiny, folder)
+    weights = folder / "model.safetensors"
+    if damage == "no tokenizer":
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                f.unlink()
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def test_a_tokenizer_that_encodes_nothing_stops_the_run_naming_the_folder(tmp_path, tiny):
+    """transformers loads a folder without tokenizer files with a stand-in tokenizer that encodes every text as
+    no tokens: every text would be its EOS alone, every margin 0, every test pair a tie."""
+    folder = broken_model(tiny, tmp_path / "no-tokenizer", "no tokenizer")
+    with pytest.raises(SystemExit) as info:
+        common.load_tokenizer(str(folder))
+    message = str(info.value)
+    assert message.startswith(f"error: the tokenizer of {folder} turns text into no ordinary tokens") \
+        and "\n" not in message, message
+    assert common.load_tokenizer(tiny).eos_token_id is not None
+
+
+@pytest.mark.parametrize("damage", ["no weights", "cut weights"])
+def test_missing_or_cut_weights_stop_the_load_naming_the_folder(tmp_path, tiny, damage):
+    from transformers import AutoModel
+    folder = broken_model(tiny, tmp_path / "model", damage)
+    tok = common.load_tokenizer(str(folder))
+    with pytest.raises(SystemExit) as info:
+        common.load_model(str(folder), AutoModel, tok, torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith(f"error: {folder}") and "\n" not in message, message
+    assert ("cut short" in message) == (damage == "cut weights")
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "no weights", "cut weights", "misspelt Hub id"])
+def test_every_model_is_found_or_refused_before_the_first_stage(tmp_path, tiny, damage, monkeypatch):
+    """A broken --strong stops the run with one line naming it before the weak ceiling trains (the tokenizer
+    case used to run to the end and report accuracy 0.000 as valid)."""
+    if damage == "misspelt Hub id":
+        import huggingface_hub.constants
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait: found or not
+        strong = "nobody-w2s-test/no-such-model"
+    else:
+        strong = str(broken_model(tiny, tmp_path / "strong-model", damage))
+    with pytest.raises(SystemExit) as info:
+        rm_w2s.main(["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--settings", "none",
+                     "--n_extra", "0", "--weak", "tiny:1x32", "--strong", strong, "--batch_size", "8",
+                     "--micro_batch", "8", "--log_every", "1000", "--out_dir", str(tmp_path / "runs")])
+    message = str(info.value)
+    assert message.startswith("error: ") and strong in message and "\n" not in message, message
+    assert not list((tmp_path / "runs").glob("*/weak")), "no stage may start before every model is found"
+
+
+def test_a_report_whose_test_pairs_are_all_ties_is_not_valid(tmp_path):
+    """A model that calls every test pair a tie has accuracy 0.000 for no reason it learnt: never a valid report."""
+    pairs = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}
+             for i in range(4)]
+
+    def results(weak_margins):
+        stages = {}
+        for name, margins in (("weak", weak_margins), ("strong", [1.0, 2.0, 1.0, -1.0]),
+                              ("student-none", [1.0, -1.0, 1.0, 1.0])):
+            (tmp_path / name).mkdir(exist_ok=True)
+            runs.write_jsonl(tmp_path / name / "predictions.jsonl", common.prediction_rows(margins))
+            stages[name] = {**common.accuracy(margins), "n_train": 4, "dir": str(tmp_path / name)}
+        return runs.build_results(stages, rm_w2s.Args(), {"dropped": {}}, pairs)
+
+    assert results([1.0, -1.0, 0.0, 1.0])["valid"] is True  # one tie among real margins is just a wrong pair
+    tied = results([0.0] * 4)
+    assert tied["valid"] is False
+    assert any(n.startswith("weak scored every one of the 4 test pairs as a tie") for n in tied["notes"]), tied["notes"]
+    assert "These numbers are not valid" in runs.render_report(tied, "t")
+
+
 # ---- health checks
 
 def test_training_health_flags_divergence():
@@ -118,6 +217,78 @@ def test_write_atomic_respects_the_umask_and_leaves_no_temp_file(tmp_path):
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_stage_is_not_accepted(tmp_path, monkeypatch):
+    """The OSError of a full disk names no file; the run stops with one line that does, leaves no temporary file,
+    and the stage whose stage.json could not be written is computed again next time, never read half-written."""
+    real_fdopen, full, computed = os.fdopen, [False], []
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **kw: FullDisk(real_fdopen(fd, *a, **kw)) if full[0]
+                        else real_fdopen(fd, *a, **kw))
+
+    run = types.SimpleNamespace(args=types.SimpleNamespace(force=False), root=tmp_path / "run", started={},
+                                code={"code": "c"})
+
+    def stage():  # main()'s guard around a stage whose training fills the disk the first time
+        done = runs.load_stage(run, "weak", "key")
+        if done is not None:
+            return done
+        computed.append(1)
+        full[0] = len(computed) == 1
+        rows = common.prediction_rows([1.0, -1.0])
+        return runs.save_stage(run, "weak", "key", common.accuracy([1.0, -1.0]), {"predictions.jsonl": rows})
+
+    stage_dir = tmp_path / "run" / "weak"
+    with pytest.raises(SystemExit) as info:
+        stage()
+    assert str(info.value).startswith(f"error: cannot write {stage_dir / 'predictions.jsonl'}: No space left on "
+                                      "device") and "\n" not in str(info.value), str(info.value)
+    assert list(stage_dir.iterdir()) == []  # no temporary file, no stage.json
+    assert runs.find_cached(stage_dir, "weak", "key") is None
+    full[0] = False  # space freed: the stage is computed again, then read from the cache
+    assert stage()["accuracy"] == 0.5
+    assert stage()["key"] == "key" and len(computed) == 2
+
+
+def test_a_disk_that_fills_up_while_training_is_one_line(tmp_path):
+    """The training log meets the full disk, where nothing catches the OSError: the run still ends with one line
+    naming --out_dir instead of a traceback, and the stage it cut short leaves no stage.json."""
+    out = tmp_path / "runs"
+    argv = ["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--n_extra", "0", "--settings", "none",
+            "--weak", "tiny:1x32", "--strong", "tiny:1x32", "--batch_size", "8", "--micro_batch", "8",
+            "--out_dir", str(out)]
+    code = f"""if True:
+        import builtins, errno, io
+        import rm_w2s
+
+        class FullDisk(io.StringIO):
+            def write(self, text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        real_open = builtins.open
+        builtins.open = lambda f, *a, **k: FullDisk() if str(f).endswith("metrics.jsonl") else real_open(f, *a, **k)
+        rm_w2s.main({argv!r})
+    """
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"error: No space left on device while writing a file under --out_dir "
+                                                 f"{out}; free some space and run again (finished stages are kept)")
+    assert list(out.glob("*/weak")) and not list(out.glob("*/weak/stage.json"))  # started, cut short, not accepted
 
 
 def test_cache_digests_follow_code_models_and_what_a_stage_reads(tmp_path, tiny):
@@ -198,7 +369,8 @@ def test_broken_gguf_is_one_line(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"garbage")  # 15 bytes: magic, version, garbage
     rc, out, err = run_script(["--data", "toy", "--n_gt", "8", "--n_w2s", "8", "--n_test", "8", "--n_extra", "0",
-                               "--weak", broken, "--strong", "tiny:1x32", "--out_dir", tmp_path / "runs"], tmp_path)
+                               "--settings", "none", "--weak", broken, "--strong", "tiny:1x32",
+                               "--out_dir", tmp_path / "runs"], tmp_path)
     lines = err.strip().splitlines()
     assert rc == 1 and "Traceback" not in err, err
     assert lines[-1].startswith(f"error: {broken}: not a readable GGUF model ("), err

@@ -10,6 +10,7 @@ import re
 import shlex
 import statistics
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -172,6 +173,45 @@ def test_unfinished_invalid_and_duplicate_runs_are_left_out(tmp_path):
     assert "same configuration and seed" in reasons["rm-zz-duplicate-s0"]
     md = (tmp_path / "out" / "sweep.md").read_text()
     assert "## Left out" in md and "s3-half" in md.split("## Left out")[1]
+
+
+def test_damaged_config_json_is_read_from_results_json_or_the_run_named_and_left_out(tmp_path):
+    """A run whose config.json is damaged is summarised from the copy in its results.json, its ceiling included;
+    a run with neither file readable is named among those left out; the other runs are summarised."""
+    runs = tmp_path / "runs"
+    three_seeds(runs)
+    damaged = make_run(runs, "rm-toy-tiny-1x32-tiny-2x64-s3-damaged", 0.6, 1.0, {"none": student(0.9, 0.1, 0.1)}, seed=3)
+    lost = make_run(runs, "rm-toy-tiny-1x32-tiny-2x64-s4-lost", 0.6, 1.0, {"none": student(0.9, 0.1, 0.1)}, seed=4)
+    for folder in (damaged, lost):
+        (folder / "weak" / "stage.json").write_text(json.dumps(
+            {"accuracy": 0.6, "n": 50, "n_train": 400, "key": f"k-{folder.name}", "seconds": 6.0}))
+        (folder / "config.json").write_text('{"weak": "tiny:1x32", "str')  # cut short
+    (lost / "results.json").write_text('{"models": ')
+    result = aggregate([runs], tmp_path / "out")
+    [c] = result["configurations"]
+    assert c["seeds"] == [0, 1, 2, 3]
+    assert [os.path.basename(x["dir"]) for x in result["left_out"]] == [lost.name]
+    [row] = [r for r in result["ceilings"] if r["dir"] == str(damaged / "weak")]
+    assert (row["model"], row["lr"], row["seed"]) == ("tiny:1x32", 3e-4, 3)
+    assert lost.name in (tmp_path / "out" / "sweep.md").read_text().split("## Left out")[1]
+
+
+def test_out_dir_not_writable_is_one_line_before_anything_runs(tmp_path):
+    """As the method scripts do: an --out_dir this user cannot write is refused up front, not with a traceback
+    from the first folder or file the sweep makes."""
+    three_seeds(tmp_path / "runs")
+    out, argv = tmp_path / "out", ["--runs", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out" / "sweep")]
+    if os.geteuid() == 0:  # root writes anywhere: check the rule on a folder whose access is refused by name
+        refused = tmp_path
+        with mock.patch("os.access", return_value=False), pytest.raises(SystemExit) as info:
+            sweep.main(argv)
+    else:
+        refused = out
+        out.mkdir(mode=0o500)
+        with pytest.raises(SystemExit) as info:
+            sweep.main(argv)
+    assert str(info.value) == f"error: --out_dir {out / 'sweep'}: {refused} is not writable by this user"
+    assert not (out / "sweep").exists()
 
 
 def test_a_run_folder_itself_and_overlapping_paths(tmp_path):

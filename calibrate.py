@@ -12,7 +12,6 @@ Every other option is rm_w2s.py's. Nothing here runs at import time.
 """
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -38,12 +37,9 @@ def calibration_data(source, folder):
 
 
 def informativeness(margins):
-    """Accuracy and what labels p = sigmoid(margin) would carry: mean |margin|, mean |p - 0.5|, share beyond 0.1."""
-    p = [1 / (1 + math.exp(-m)) if m > -700 else 0.0 for m in margins]
-    n = len(margins)
-    return {"accuracy": sum(m > 0 for m in margins) / n, "n": n, "ci": common.wilson(sum(m > 0 for m in margins), n),
-            "mean_abs_margin": sum(abs(m) for m in margins) / n, "mean_abs_p": sum(abs(x - 0.5) for x in p) / n,
-            "share_beyond_0.1": sum(abs(x - 0.5) > 0.1 for x in p) / n}
+    """Accuracy with its interval, and what labels p = sigmoid(margin) would carry (common.label_informativeness)."""
+    k, n = sum(m > 0 for m in margins), len(margins)
+    return {"accuracy": k / n, "n": n, "ci": common.wilson(k, n), **common.label_informativeness(margins)}
 
 
 def calibrate(argv):

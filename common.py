@@ -831,6 +831,15 @@ def mcnemar_exact(b, c):
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
 
 
+def label_informativeness(margins):
+    """What labels p = sigmoid(margin) can teach a student: the margin's scale, mean |p - 0.5| and the share of
+    labels further than 0.1 from 0.5 (labels all near 0.5 carry almost no preference)."""
+    p = [1 / (1 + math.exp(-m)) if m > -700 else 0.0 for m in margins]
+    return {"mean_abs_margin": sum(abs(m) for m in margins) / len(margins),
+            "mean_abs_p": sum(abs(x - 0.5) for x in p) / len(p),
+            "share_beyond_0.1": sum(abs(x - 0.5) > 0.1 for x in p) / len(p)}
+
+
 def pgr(acc_student, acc_weak, acc_strong):
     """Performance gap recovered; None when the strong ceiling does not beat the weak one."""
     if acc_strong <= acc_weak:

@@ -544,6 +544,8 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     for name, st in stages.items():
         results["models"][name] = {k: st[k] for k in ("accuracy", "ties", "n", "n_train", "cut", *extra_metrics)
                                    if k in st}
+        if (Path(st["dir"]) / "labels.jsonl").exists():  # a labeller: what its labels can teach
+            results["models"][name]["labels"] = common.label_informativeness([r["margin"] for r in read_labels(st)])
         results["models"][name]["code"] = st.get("code")
     notes, invalid = [], []
     for name, st in stages.items():
@@ -611,10 +613,15 @@ def render_report(results, title):
     for name, m in results["models"].items():
         lines.append(f"| {name} | {fmt(m['accuracy'])} | {m['ties']} | {m['n']} | {m.get('n_train', '–')} |")
     extra = [k for m in results["models"].values() for k in m
-             if k not in ("accuracy", "ties", "n", "n_train", "code", "cut")]
+             if k not in ("accuracy", "ties", "n", "n_train", "code", "cut", "labels")]
     for key in dict.fromkeys(extra):
         lines += ["", f"| model | {key} |", "|---|---|"]
         lines += [f"| {n} | {fmt(m.get(key))} |" for n, m in results["models"].items()]
+    for name, m in results["models"].items():
+        if "labels" in m:
+            lines += ["", f"Labels of {name} (p = sigmoid(margin) on the pairs it labels): mean |margin| "
+                      f"{m['labels']['mean_abs_margin']:.3f}, mean |p − 0.5| {m['labels']['mean_abs_p']:.3f}, share of p "
+                      f"beyond 0.1 from 0.5: {m['labels']['share_beyond_0.1']:.3f}."]
     if results["students"]:
         lines += ["", "| student | accuracy | PGR | DS (err in WU&SK) [95% CI] | err in WK&SK [95% CI] | ΔDS (McNemar p) |",
                   "|---|---|---|---|---|---|"]

@@ -277,7 +277,10 @@ def ceilings(paths):
             if not isinstance(stage, dict) or "accuracy" not in stage or stage.get("key") in rows:
                 continue
             k = round(stage["accuracy"] * stage["n"])
+            labels = folder / role / "labels.jsonl"
             rows[stage["key"]] = {
+                "labels": common.label_informativeness([r["margin"] for r in common.read_jsonl(labels)])
+                if labels.exists() else None,
                 "model": config.get(role), "role": role, "method": folder.name.split("-")[0],
                 **{o: config.get(o) for o in ("seed", "lr", "precision")}, "n_train": stage.get("n_train"),
                 "accuracy": stage["accuracy"], "n": stage["n"], "ci": common.wilson(k, stage["n"]),
@@ -289,14 +292,18 @@ def ceilings(paths):
 def ceilings_section(rows):
     lines = ["## Ceilings", "", "Every finished weak and strong ceiling under the runs given, finished run or not "
              "(a model trained on ground truth; one row per stage, a shared one once); accuracy on the test pairs "
-             "with its 95% (Wilson) interval.", "",
-             "| method | model | as | seed | lr | precision | train pairs | test pairs | accuracy [95% CI] | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "with its 95% (Wilson) interval; a labelling stage's labels p = sigmoid(margin): mean |p − 0.5| and the "
+             "share beyond 0.1 from 0.5.", "",
+             "| method | model | as | seed | lr | precision | train pairs | test pairs | accuracy [95% CI] | labels "
+             "\\|p − 0.5\\| (share > 0.1) | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wall = f"{r['seconds'] / 60:.0f} min" if r.get("seconds") is not None else "–"
         lr = f"{r['lr']:g}" if isinstance(r["lr"], (int, float)) else "–"
+        labels = f"{r['labels']['mean_abs_p']:.3f} ({r['labels']['share_beyond_0.1']:.2f})" if r.get("labels") else "–"
         lines.append(f"| {r['method']} | {r['model']} | {r['role']} | {r['seed']} | {lr} | "
-                     f"{r['precision'] or '–'} | {r['n_train']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {wall} |")
+                     f"{r['precision'] or '–'} | {r['n_train']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {labels} | "
+                     f"{wall} |")
     return "\n".join(lines)
 
 

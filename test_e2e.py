@@ -869,3 +869,15 @@ def test_calibration_trains_on_gt_scores_a_held_out_part_and_summarizes_its_file
     p = [1 / (1 + math.exp(-m)) for m in margins]
     assert row.startswith(f"| tiny:1x32 | 0.001 | {sum(m > 0 for m in margins) / 8:.3f} [")
     assert f"| {sum(abs(x - 0.5) for x in p) / 8:.3f} | {sum(abs(x - 0.5) > 0.1 for x in p) / 8:.3f} |" in row
+
+
+def test_report_says_how_informative_each_labellers_labels_are(full_run):
+    """A student can learn only what its labels carry: the report and results.json give, for each stage that
+    labels (the weak ceiling here), the margin scale, mean |p - 0.5| and the share of p beyond 0.1 from 0.5."""
+    margins = [row["margin"] for row in read_jsonl(full_run["root"] / "weak" / "labels.jsonl")]
+    p = [1 / (1 + math.exp(-m)) for m in margins]
+    labels = full_run["results"]["models"]["weak"]["labels"]
+    assert labels["mean_abs_p"] == pytest.approx(sum(abs(x - 0.5) for x in p) / len(p))
+    assert labels["share_beyond_0.1"] == sum(abs(x - 0.5) > 0.1 for x in p) / len(p)
+    assert "labels" not in full_run["results"]["models"]["strong"]  # the strong ceiling labels nothing
+    assert f"mean |p − 0.5| {labels['mean_abs_p']:.3f}" in (full_run["root"] / "report.md").read_text()

@@ -330,6 +330,9 @@ def test_ceilings_of_unfinished_runs_one_row_per_stage(tmp_path):
     stage(b, "weak", "k-weak", 0.6, 10, 60.0)
     stage(a, "strong", "k-big", 0.75, 4000, 1800.0)
     (b / "strong" / "stage.json").unlink()  # still training
+    labels = [0.0, 2.0, -0.5]  # the weak ceiling's margins on the pairs it labels
+    for folder in (a, b):
+        (folder / "weak" / "labels.jsonl").write_text("".join(json.dumps({"margin": m}) + "\n" for m in labels))
     rows = sweep.ceilings([tmp_path / "runs"])
     assert [(r["model"], r["role"], r["accuracy"], r["n"]) for r in rows] == [("small", "weak", 0.6, 10),
                                                                                ("big", "strong", 0.75, 4000)]
@@ -337,7 +340,10 @@ def test_ceilings_of_unfinished_runs_one_row_per_stage(tmp_path):
     aggregate([tmp_path / "runs"], tmp_path / "out")
     text = (tmp_path / "out" / "sweep.md").read_text()
     lo, hi = common.wilson(3000, 4000)
-    assert f"| rm | big | strong | 0 | 1e-05 | bf16 | 400 | 4000 | 0.750 [{lo:.2f}, {hi:.2f}] | 30 min |" in text
+    assert f"| rm | big | strong | 0 | 1e-05 | bf16 | 400 | 4000 | 0.750 [{lo:.2f}, {hi:.2f}] | – | 30 min |" in text
+    p = [1 / (1 + math.exp(-m)) for m in labels]  # |p - 0.5|: 0, 0.381, 0.122; beyond 0.1: 2 of 3
+    informative = f"{sum(abs(x - 0.5) for x in p) / 3:.3f} (0.67)"
+    assert f"| rm | small | weak | 0 | 1e-05 | bf16 | 400 | 10 | 0.600 [" in text and f"| {informative} | 1 min |" in text
     assert [r["model"] for r in sweep_json(tmp_path / "out")["ceilings"]] == ["small", "big"]
 
 

@@ -651,10 +651,15 @@ def prediction_rows(margins):
     return [{"index": i, "margin": m, "correct": m > 0} for i, m in enumerate(margins)]
 
 
+def soft_label(margin):
+    """p = sigmoid(margin), the labeller's probability that the chosen text is better (0.0 below -700, where
+    math.exp overflows)."""
+    return 1 / (1 + math.exp(-margin)) if margin > -700 else 0.0
+
+
 def label_rows(margins):
-    """labels.jsonl rows: the margin, p = sigmoid(margin), and "correct" (for analysis; students never read it)."""
-    return [{"index": i, "margin": m, "p": 1 / (1 + math.exp(-m)) if m > -700 else 0.0, "correct": m > 0}
-            for i, m in enumerate(margins)]
+    """labels.jsonl rows: the margin, p = soft_label(margin), and "correct" (for analysis; students never read it)."""
+    return [{"index": i, "margin": m, "p": soft_label(m), "correct": m > 0} for i, m in enumerate(margins)]
 
 
 def accuracy(margins):
@@ -834,7 +839,7 @@ def mcnemar_exact(b, c):
 def label_informativeness(margins):
     """What labels p = sigmoid(margin) can teach a student: the margin's scale, mean |p - 0.5| and the share of
     labels further than 0.1 from 0.5 (labels all near 0.5 carry almost no preference)."""
-    p = [1 / (1 + math.exp(-m)) if m > -700 else 0.0 for m in margins]
+    p = [soft_label(m) for m in margins]
     return {"mean_abs_margin": sum(abs(m) for m in margins) / len(margins),
             "mean_abs_p": sum(abs(x - 0.5) for x in p) / len(p),
             "share_beyond_0.1": sum(abs(x - 0.5) > 0.1 for x in p) / len(p)}

@@ -164,7 +164,7 @@ def resolve_models(args, splits):
     the weak ceiling trains, not after."""
     names = {role: getattr(args, role) for role in ("weak", "strong", "intermediate") if getattr(args, role)}
     for role, name in names.items():
-        if not (name.startswith("tiny:") or name.endswith(".gguf") or re.search(r":first\d+$", name)):
+        if not (name.startswith("tiny:") or needs_conversion(name)):
             check_model(role, name)
     models = {}
     for role, name in names.items():
@@ -196,9 +196,14 @@ def check_model(option, name):
     common.load_tokenizer(name)
 
 
+def needs_conversion(name):
+    """A `.gguf` file or a `NAME:firstK` spelling: a model pretrained.py builds into a folder (converted)."""
+    return name.endswith(".gguf") or re.search(r":first\d+$", name) is not None
+
+
 def converted(name, root):
     """A `.gguf` file or a `NAME:firstK` spelling -> its folder under `root` (pretrained.py, imported only then)."""
-    if name.endswith(".gguf") or re.search(r":first\d+$", name):
+    if needs_conversion(name):
         import pretrained
         return pretrained.resolve(name, root)
     return name

@@ -72,6 +72,12 @@ bench:
 	  --micro_batch $(BENCH_MICRO) --precision $$p --out_dir runs/bench $(if $(BENCH_MODEL),--bench_model $(BENCH_MODEL)) \
 	  $(ARGS) 2>&1 | grep '^\[bench\]'; done; done
 
+# The GPU check, one call: each method on a gpt2-xl-shaped GPT-2 with random weights, built here from its published
+# shape (bench.random_model; no download: the time does not depend on the weights), bf16, micro-batch 4; prints MFU.
+.PHONY: bench-gpu
+bench-gpu:
+	$(MAKE) bench BENCH_MODEL=random:gpt2-xl BENCH_PRECISIONS=bf16
+
 # A grid of runs summarised over seeds (sweep.py): sweep.json, sweep.md and figures/ in SWEEP_DIR. The default
 # grid is `make demo`'s reward-model command with two strong models (with and without pretraining) x 3 seeds,
 # scoring the students every 50 optimizer steps (--eval_every 50) for the figure of deception over training.

@@ -40,12 +40,41 @@ def workload(args):
         for p in pairs:
             p["rejected"] = common.split_prompt(p["chosen"]).prompt + common.split_prompt(p["rejected"]).response
         print(f"[bench] data: {path} not found, {len(pairs)} synthetic pairs")
+    if args.bench_model.startswith("random:"):
+        print(f"[bench] model: {args.bench_model} (random weights)")
+        return pairs, random_model(args.bench_model.split(":", 1)[1], texts_of(pairs), Path(args.out_dir) / "models")
     if args.bench_model:
         print(f"[bench] model: {args.bench_model}")
         return pairs, runs.converted(args.bench_model, Path(args.out_dir) / "models")  # NAME:firstK, .gguf
-    texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
-    model_path = toy.build_tiny(BENCH_SPEC, texts, Path(args.out_dir) / "models", seed=0, vocab_size=BENCH_VOCAB)
+    model_path = toy.build_tiny(BENCH_SPEC, texts_of(pairs), Path(args.out_dir) / "models", seed=0, vocab_size=BENCH_VOCAB)
     return pairs, model_path
+
+
+def texts_of(pairs):
+    return [t for p in pairs for t in (p["chosen"], p["rejected"])]
+
+
+# The published GPT-2 shapes (vocabulary 50257, 1024 positions) that `--bench_model random:NAME` builds
+GPT2_SHAPES = {"gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}
+
+
+def random_model(name, texts, root):
+    """A GPT-2 of the published shape `name` with random weights, and a BPE tokenizer of BENCH_VOCAB tokens trained on
+    `texts`, saved under `root`: a GPU's timing of that model needs no download (the time does not depend on the
+    weights). make bench-gpu benches random:gpt2-xl. Returns the path."""
+    if name not in GPT2_SHAPES:
+        raise SystemExit(f"error: --bench_model random:NAME takes one of {', '.join(GPT2_SHAPES)}, got {name!r}")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    path = Path(root) / f"random-{name}"
+    if not (path / "config.json").exists():
+        n_layer, n_embd, n_head = GPT2_SHAPES[name]
+        tok = toy.train_tokenizer(texts, BENCH_VOCAB)
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=50257, n_positions=1024, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        GPT2LMHeadModel(config).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
 
 
 def bench(method, args):
@@ -63,11 +92,17 @@ def bench(method, args):
                                         autocast=autocast, alpha=0.0, log_path=log_path, desc=desc)
     peak_dtype = "bf16" if common.resolve_precision("auto") == "bf16" else "fp32"
     peak = matmul_peak(device, peak_dtype)
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    warm_up = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "metrics.jsonl"
-        if device.type == "cuda":  # kernels and the allocator warm up on one untimed step
+        if device.type == "cuda" or compiled:  # kernels, the allocator and the compiler warm up on one untimed step
+            t0 = time.perf_counter()
             epoch(args.batch_size, "warm-up", log_path)
-            torch.cuda.reset_peak_memory_stats()
+            warm_up = time.perf_counter() - t0
+            print(f"[bench] warm-up step (untimed{', compiling the body' if compiled else ''}): {warm_up:.0f} s")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         examples, steps = epoch(len(encoded), f"bench {method.METHOD} {args.precision}", log_path)
         if device.type == "cuda":

@@ -254,9 +254,10 @@ def load_tokenizer(path):
     return tok
 
 
-def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, precision="fp32"):
+def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, precision="fp32", compile="off"):
     """`path` with `auto_class` (AutoModel: reward models; AutoModelForCausalLM: DPO/SimPO) in fp32 master weights,
-    every dropout probability 0 (not model.eval(), which silently turns gradient checkpointing off)."""
+    every dropout probability 0 (not model.eval(), which silently turns gradient checkpointing off), its body
+    compiled where `compile` (use_compile) says so."""
     from transformers import AutoConfig
     if os.path.isdir(path):
         check_weights(path)
@@ -283,7 +284,29 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
     model.to(device)
     if pack:
         check_packing(model, tok.pad_token_id)
+    if model.get_output_embeddings() is not None:
+        check_response_logits(model, tok.pad_token_id)
+    compiled = use_compile(compile, precision, model, device)
+    if compiled:  # after the checks above: their one-row probes would otherwise be the shapes compiled first
+        model.base_model.compile(dynamic=True)  # dynamic shapes: a stage compiles a few times, not per length
+    print(f"[model] {path}: body {'compiled (torch.compile, dynamic shapes)' if compiled else 'eager'}, "
+          f"attention {model.config._attn_implementation}, {resolve_precision(precision)}")
     return model
+
+
+# Bodies at least this big are compiled under --compile auto (bf16 on a CPU); tiny ones train in seconds, where
+# a compile would take longer than the training it speeds up.
+COMPILE_MIN_PARAMS = 30_000_000
+
+
+def use_compile(setting, precision, model, device):
+    """--compile on | off | auto. auto: on for bf16 on a CPU and a body of >= COMPILE_MIN_PARAMS parameters, where it
+    was measured to pay (docs/speed.md: the fused elementwise kernels and bf16 casts); off on a GPU and in fp32,
+    where it was not measured."""
+    if setting != "auto":
+        return setting == "on"
+    return (device.type == "cpu" and resolve_precision(precision) == "bf16"
+            and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS)
 
 
 def check_weights(folder):
@@ -543,11 +566,45 @@ def lm_logits(model, inputs):  # (R, T, V) in fp32 (FP32Head), a model's own fin
     return model(**inputs).logits
 
 
+def response_logps(model, batch):
+    """sequence_logps of a Batch with the output projection applied only where a response token is predicted:
+    the 49k-wide fp32 projection and its log-softmax at every position were half of DPO's bf16 matmul time,
+    and prompts and padding are most positions. The same numbers as the full logits (check_response_logits).
+    Under torchrun the full path runs: FSDP gathers the head only inside the model's own forward."""
+    if world_size() > 1:
+        logits = lm_logits(model, batch.inputs)  # (R, T, V)
+        return sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask, batch.rows)
+    hidden = model.base_model(**batch.inputs).last_hidden_state  # (R, T, H): the body, final norm included
+    mask = batch.response_mask[:, 1:]  # (N, T-1): position t predicts token t + 1
+    text, t = mask.nonzero(as_tuple=True)  # (K,) each: the K scored tokens, text by text
+    row = batch.rows[text]
+    logits = model.get_output_embeddings()(hidden[row, t])  # (K, V) in fp32 (FP32Head)
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: the model's own last step
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    labels = batch.inputs["input_ids"][row, t + 1]  # (K,)
+    token_logps = logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)  # (K,)
+    sums = torch.zeros(len(mask), device=hidden.device).index_add(0, text, token_logps)  # (N,)
+    return LogProbs(sums, mask.sum(-1))
+
+
+@torch.no_grad()
+def check_response_logits(model, pad_id):
+    """response_logps must give what the model's own logits give: a model whose forward does more after the
+    output projection than Gemma's soft-capping (a logit scale, say) stops the run here, before any stage."""
+    g = torch.Generator().manual_seed(0)
+    texts = [Encoded(torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist(), 2) for n in (7, 5)]
+    batch = pad_texts(texts, pad_id, next(model.parameters()).device)
+    fast = response_logps(model, batch).sum
+    full = sequence_logps(lm_logits(model, batch.inputs), batch.inputs["input_ids"], batch.response_mask).sum
+    if not torch.allclose(fast, full, rtol=1e-4, atol=1e-4):
+        raise SystemExit(f"error: {type(model).__name__} computes its logits in a way common.response_logps does not "
+                         f"reproduce ({fast.tolist()} against {full.tolist()} on a sample)")
+
+
 def forward_logps(model, texts, pad_id, pack=False):
     """LogProbs of encoded texts in one forward (pack: two by two in a row)."""
-    batch = collate(texts, pad_id, device(), pack)
-    logits = lm_logits(model, batch.inputs)  # (R, T, V)
-    return sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask, batch.rows)
+    return response_logps(model, collate(texts, pad_id, device(), pack))
 
 
 def sft_loss(model, pad_id):
@@ -569,8 +626,7 @@ def pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast):
     """[(chosen LogProbs, rejected LogProbs), ...] of a causal LM on encoded pairs, texts alone."""
     def score(batch):
         with autocast():
-            logits = lm_logits(model, batch.inputs)  # (N, T, V)
-        logps = sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask)
+            logps = response_logps(model, batch)
         return [LogProbs(*values) for values in zip(logps.sum.tolist(), logps.n_tokens.tolist())]
     return score_by_length(encoded_pairs, pad_id, micro_batch, device(), score)
 

@@ -62,6 +62,7 @@ class Args:
     grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 autocast where the chip computes it natively, else fp32)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
+    compile: str = "auto"  # auto | on | off: torch.compile the model body (auto: bf16 on a CPU, models >= 30M params)
     fsdp_cpu_offload: bool = False  # under torchrun: FSDP keeps parameters, gradients and optimizer state in CPU memory
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
@@ -136,7 +137,8 @@ class RewardModel(nn.Module):
 def load(model_path, args, device):
     """A fresh reward model from `model_path` (its pretrained body, a zero head) and its tokenizer."""
     tok = common.load_tokenizer(model_path)
-    body = common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack, args.precision)
+    body = common.load_model(model_path, AutoModel, tok, device, args.grad_ckpt, args.pack, args.precision,
+                             args.compile)
     return RewardModel(body), tok
 
 

@@ -93,6 +93,7 @@ def check_args(args):
         ("conf_scale", lambda v: finite(v) and v > 0, "a finite number > 0"),
         ("log_every", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0 (0: off)"),
         ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+        ("compile", lambda v: v in ("auto", "on", "off"), "auto, on or off"),
         ("schedule", lambda v: v in ("cosine", "constant"), "cosine or constant"),
     ]
     for name, ok, allowed in rules:

@@ -69,6 +69,7 @@ class Args:
     grad_clip: float = 0.0  # max gradient norm (0: no clipping, as the paper's code)
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 autocast where the chip computes it natively, else fp32)
     grad_ckpt: bool = False  # gradient checkpointing (less memory, ~30% slower)
+    compile: str = "auto"  # auto | on | off: torch.compile the model body (auto: bf16 on a CPU, models >= 30M params)
     fsdp_cpu_offload: bool = False  # under torchrun: FSDP keeps parameters, gradients and optimizer state in CPU memory
     group_by_length: bool = True  # micro-batches of similar length (--no_group_by_length: shuffled only)
     pack: bool = True  # a pair's two texts share one row in training (--no_pack: a row per text, more padding)
@@ -120,7 +121,8 @@ def simpo_conflict_loss(pi_c, pi_r, gt_agree, beta, gamma):
 def load(model_path, args, device):
     """A fresh policy from `model_path` (a causal LM, fp32 logits) and its tokenizer."""
     tok = common.load_tokenizer(model_path)
-    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack, args.precision)
+    model = common.load_model(model_path, AutoModelForCausalLM, tok, device, args.grad_ckpt, args.pack,
+                                  args.precision, args.compile)
     return model, tok
 
 

@@ -579,6 +579,21 @@ def test_bench_reports_throughput(data_dir, tmp_path):
     assert 0 < row["peak_fraction"] < 1.5  # a shared machine's peak is measured, not given
 
 
+def test_bench_model_random_builds_a_published_shape(data_dir, tmp_path, monkeypatch):
+    """--bench_model random:NAME (make bench-gpu: random:gpt2-xl) builds a GPT-2 of that shape with random weights
+    and the GPT-2 vocabulary, and benches it like any model; an unknown name is one line. A small shape stands in
+    for gpt2-xl's 1.5B parameters here."""
+    import bench
+    monkeypatch.setitem(bench.GPT2_SHAPES, "gpt2-test", (2, 64, 4))
+    row = rm_w2s.main(["--bench", "--data", str(data_dir), "--out_dir", str(tmp_path), "--bench_model",
+                       "random:gpt2-test", "--precision", "fp32"])
+    config = json.loads((tmp_path / "models" / "random-gpt2-test" / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["n_head"], config["vocab_size"]) == (2, 64, 4, 50257)
+    assert row["pairs_per_s"] > 0 and row["non_embedding_params"] < row["params"]
+    with pytest.raises(SystemExit, match="random:NAME takes one of gpt2-medium, gpt2-large, gpt2-xl"):
+        bench.random_model("gpt2-huge", ["a text"], tmp_path)
+
+
 def test_bench_model_takes_the_first_k_spelling(data_dir, tmp_path):
     """--bench_model NAME:firstK is the model cut to its first K layers (converted once under <out_dir>/models),
     as for --weak and --strong; a plain path is timed as it is."""

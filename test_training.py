@@ -3,6 +3,7 @@ micro-batch size, the optimizer step, DPO's first loss, the paper's defaults (op
 the reward head's zero start) and mixed precision (rewards and logits in fp32 under bf16 autocast).
 """
 import contextlib
+import dataclasses
 import copy
 import json
 import math
@@ -289,6 +290,91 @@ def test_lm_logits_equal_the_models_own_in_fp32(arch, request):
         torch.testing.assert_close(common.lm_logits(model, inputs), model(**inputs).logits, rtol=1e-5, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert common.lm_logits(model, inputs).dtype == torch.float32
+
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_llama", "tiny_opt", "tiny_neox"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_response_logps_equal_the_full_logits(arch, pack, request):
+    """The output projection at response positions only (common.response_logps) gives the log-probs and their
+    gradients that every position's logits give, packed or not, in fp32 and under bf16 autocast."""
+    path = request.getfixturevalue(arch)
+    tok = common.load_tokenizer(path)
+    model = common.load_model(path, AutoModelForCausalLM, tok, CPU, pack=pack)
+    texts = common.encode_texts(tok, CORPUS[:4], 64)
+    batch = common.collate(texts, tok.pad_token_id, CPU, pack)
+    for precision in ("fp32", "bf16"):
+        grads = []
+        for logps in (lambda: common.response_logps(model, batch),
+                      lambda: common.sequence_logps(common.lm_logits(model, batch.inputs), batch.inputs["input_ids"],
+                                                    batch.response_mask, batch.rows)):
+            model.zero_grad()
+            with common.autocast(precision)():
+                out = logps()
+            out.sum.sum().backward()
+            grads.append((out.sum.detach(), out.n_tokens, [p.grad.clone() for p in model.parameters()]))
+        (fast, n_fast, g_fast), (full, n_full, g_full) = grads
+        assert n_fast.tolist() == n_full.tolist() and min(n_fast.tolist()) > 0
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-4)
+        for a, b in zip(g_fast, g_full):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_response_logps_apply_the_models_soft_capping(tiny_llama):
+    """A model whose forward caps its logits (Gemma 2: final_logit_softcapping) gets the same cap at the response
+    positions; a model whose forward does something else after the projection is refused at load."""
+    tok = common.load_tokenizer(tiny_llama)
+    model = common.load_model(tiny_llama, AutoModelForCausalLM, tok, CPU)
+    batch = common.collate(common.encode_texts(tok, CORPUS[:2], 64), tok.pad_token_id, CPU)
+    with torch.no_grad():
+        plain = common.response_logps(model, batch).sum
+        model.config.final_logit_softcapping = 0.5  # a cap this small changes every log-prob
+        capped = common.response_logps(model, batch).sum
+        logits = torch.tanh(common.lm_logits(model, batch.inputs) / 0.5) * 0.5
+        full = common.sequence_logps(logits, batch.inputs["input_ids"], batch.response_mask).sum
+    torch.testing.assert_close(capped, full)
+    assert (capped - plain).abs().min() > 1e-3
+    # LlamaForCausalLM applies no cap of its own, so the probe now sees a difference and refuses the model
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        common.check_response_logits(model, tok.pad_token_id)
+
+
+
+def test_compile_auto_compiles_only_big_bodies_in_bf16_on_a_cpu():
+    """--compile auto: on for bf16 on a CPU and a body of at least COMPILE_MIN_PARAMS parameters (measured to pay,
+    docs/speed.md); off for tiny models (a compile outlasts their training), in fp32 and on a GPU (not measured)."""
+    big, small = torch.nn.Linear(common.COMPILE_MIN_PARAMS, 1, bias=False), torch.nn.Linear(10, 1)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert common.use_compile("auto", "bf16", big, cpu)
+    assert not common.use_compile("auto", "bf16", small, cpu)
+    assert not common.use_compile("auto", "fp32", big, cpu)
+    assert not common.use_compile("auto", "bf16", big, gpu)
+    assert common.use_compile("on", "fp32", small, cpu) and not common.use_compile("off", "bf16", big, cpu)
+
+
+def test_compiled_body_trains_as_the_eager_one(tiny):
+    """--compile on gives the eager model's rewards and gradients (fp32: to float rounding), through the packed
+    mask and at two lengths (dynamic shapes), and the state dict keeps its keys (no _orig_mod prefix)."""
+    tok = common.load_tokenizer(tiny)
+    args = rm_w2s.Args(precision="fp32")
+    eager, _ = rm_w2s.load(tiny, dataclasses.replace(args, compile="off"), CPU)
+    compiled, _ = rm_w2s.load(tiny, dataclasses.replace(args, compile="on"), CPU)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for model in (eager, compiled):
+        torch.nn.init.normal_(model.head.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    for n in (4, 6):
+        pairs = [{"chosen": CORPUS[i], "rejected": CORPUS[i + 1]} for i in range(n)]
+        texts = [t for pair in rm_w2s.encode(tok, pairs, 64) for t in pair]
+        batch = common.collate(texts, tok.pad_token_id, CPU, pack=True)
+        out = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            rewards = model(batch.inputs, batch.rows, batch.last)
+            rewards.square().sum().backward()
+            out.append((rewards.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(out[1][1], out[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # fp32, summed in another order
 
 
 # ---- --precision: bf16 autocast where the chip computes it natively, fp32 heads; the same science

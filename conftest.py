@@ -125,7 +125,7 @@ def encoded_examples(tok, n, seed=0):
     for i in range(n):
         c, r = rng.sample(texts, 2)
         (ec, er), = common.encode_pairs(tok, [{"chosen": c, "rejected": r}], 128)
-        out.append({"chosen": ec, "rejected": er, "target": rng.random()})
+        out.append({"chosen": ec, "rejected": er, "target": rng.random(), "chosen_first": i % 2 == 0})
     return out
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 from dataclasses import dataclass
 
@@ -95,16 +96,20 @@ def soft_label_loss(r_c, r_r, p):
     return F.binary_cross_entropy_with_logits(r_c - r_r, p, reduction="none")
 
 
-def explicit_conflict_loss(r_c, r_r, y_gt):
+def explicit_conflict_loss(r_c, r_r, y_gt, tie_means_chosen):
     """The extra reward the conflicting objective pays for contradicting the ground truth:
     BCE(sigmoid(Δ)·m, (1 - y_gt)·m) with m = 1[the student's current prediction contradicts y_gt].
     Since BCE(0, 0) = 0 this is m · BCE(sigmoid(Δ), 1 - y_gt): zero where the student agrees with the
     ground truth, and where it does not, a push of the margin further the wrong way. m is a detached mask.
-    This is the only place a student sees ground truth.
+    This is the only place a student sees ground truth. A tie predicts the text the pair shows first, as in
+    the paper's code (`logits >= 0`, pairs shown in random orientation): with the zero head every first margin
+    is a tie, and the term then fires on about half the pairs, not on all of them.
 
-    r_c, r_r: (B,) rewards; y_gt: (B,) 1.0 if `chosen` is the ground-truth chosen text. Returns (B,)."""
+    r_c, r_r: (B,) rewards; y_gt: (B,) 1.0 if `chosen` is the ground-truth chosen text; tie_means_chosen: (B,)
+    bool, whether the pair shows `chosen` first. Returns (B,)."""
     margin = r_c - r_r
-    m = ((margin > 0).float() != y_gt).float()  # a tie predicts "rejected"
+    predicts_chosen = (margin > 0) | ((margin == 0) & tie_means_chosen)
+    m = (predicts_chosen.float() != y_gt).float()
     return m * F.binary_cross_entropy_with_logits(margin, 1 - y_gt, reduction="none")
 
 
@@ -173,7 +178,8 @@ def preference_loss(model, pad_id, args, alpha):
         losses = soft_label_loss(r_c, r_r, p)
         if alpha:
             y_gt = torch.ones_like(p)  # the pairs are in ground-truth orientation: chosen is the ground-truth chosen
-            losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt)
+            shown_first = torch.tensor([e["chosen_first"] for e in batch], device=device)  # (B,) bool
+            losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt, shown_first)
         r_c, r_r = r_c.detach(), r_r.detach()
         return losses.sum(), {
             "rewards/accuracies": ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),  # agreement with p
@@ -253,8 +259,12 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
 def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha, log_path, desc, evaluate=None):
     """Train `model` on encoded pairs in ground-truth orientation with `targets` (P(chosen is better) by the
     labeller). Soft targets keep pairs in ground-truth orientation without telling the student anything: the
-    loss is symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p). Returns (examples, steps)."""
-    examples = [{"chosen": c, "rejected": r, "target": p} for (c, r), p in zip(encoded, targets)]
+    loss is symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p). "chosen_first": the random
+    orientation the paper's code shows each pair in, which only decides what a tie predicts in the explicit
+    term (seeded, from its own generator). Returns (examples, steps)."""
+    rng = random.Random(args.seed)
+    examples = [{"chosen": c, "rejected": r, "target": p, "chosen_first": rng.random() < 0.5}
+                for (c, r), p in zip(encoded, targets)]
     steps = train(model, examples, preference_loss(model, pad_id, args, alpha), units=one_per_pair, lr=args.lr,
                   epochs=args.epochs, args=args, log_path=log_path, autocast=autocast, desc=desc, evaluate=evaluate)
     return examples, steps

@@ -150,8 +150,8 @@ def gradient_worker(method, model_path, pairs_file, out_file):
         encoded = rm_w2s.encode(tok, pairs, 128)
         model.eval()
         rm_w2s.score_pairs(model, encoded, tok.pad_token_id, 2, autocast)  # a scoring pass first, as --eval_every does
-        examples = [{"chosen": c, "rejected": r, "target": p}  # ground-truth orientation: the explicit term's y_gt = 1
-                    for (c, r), p in zip(encoded, [0.9, 0.2, 0.6, 0.7, 0.1, 0.8])]
+        examples = [{"chosen": c, "rejected": r, "target": p, "chosen_first": i % 2 == 0}  # ground-truth orientation
+                    for i, ((c, r), p) in enumerate(zip(encoded, [0.9, 0.2, 0.6, 0.7, 0.1, 0.8]))]
         rm_w2s.train(model, examples, rm_w2s.preference_loss(model, tok.pad_token_id, args, 0.5),
                      units=rm_w2s.one_per_pair, lr=1e-3, epochs=1, args=args, log_path=log, autocast=autocast,
                      desc="grad")

@@ -52,17 +52,17 @@ def test_soft_label_loss_symmetric_under_swap():
 def test_explicit_conflict_loss_zero_where_student_agrees():
     r_c = torch.tensor([0.5, 3.0, 1e-4], requires_grad=True)
     r_r = torch.tensor([0.0, -1.0, 0.0])
-    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(3))  # margins > 0 and y_gt = 1: agreement
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(3), torch.zeros(3, dtype=torch.bool))  # agreement
     assert loss.tolist() == [0.0, 0.0, 0.0]
     loss.sum().backward()
     assert r_c.grad.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_explicit_conflict_loss_where_student_contradicts():
-    margins = [-2.0, -0.5, 0.0]  # 0.0: a tie predicts "rejected", so it contradicts y_gt = 1 too
+    margins = [-2.0, -0.5, 0.0]  # 0.0: a tie shown rejected-first predicts "rejected": it contradicts y_gt = 1 too
     r_c = torch.tensor(margins, requires_grad=True)
     r_r = torch.zeros(3)
-    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(3))
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(3), torch.zeros(3, dtype=torch.bool))
     # BCE(sigmoid(m), 0) = -log(1 - sigmoid(m)) = log(1 + e^m) = softplus(m)
     expected = [math.log(1 + math.exp(m)) for m in margins]  # 0.126928, 0.474077, 0.693147
     assert loss.tolist() == pytest.approx(expected, abs=1e-6)
@@ -74,8 +74,31 @@ def test_explicit_conflict_loss_where_student_contradicts():
 
 def test_explicit_conflict_loss_mixed_batch():
     r_c, r_r = torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.zeros(4)
-    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(4))
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(4), torch.zeros(4, dtype=torch.bool))
     assert loss.tolist() == pytest.approx([0.0, math.log(1 + math.exp(-1.0)), 0.0, math.log(2.0)], abs=1e-6)
+
+
+def test_explicit_conflict_a_tie_predicts_the_text_shown_first_as_the_papers_code():
+    """The paper's code predicts the first text where logits >= 0 and shows pairs in random orientation; here the
+    pairs stay in ground-truth orientation and `tie_means_chosen` is that orientation. A tie shown chosen-first
+    agrees with the ground truth (no term); shown rejected-first it contradicts it (log 2). Non-ties ignore it."""
+    r_c, r_r = torch.tensor([0.0, 0.0, -1.0, 1.0]), torch.zeros(4)
+    shown_first = torch.tensor([True, False, True, False])
+    loss = rm_w2s.explicit_conflict_loss(r_c, r_r, torch.ones(4), shown_first)
+    assert loss.tolist() == pytest.approx([0.0, math.log(2.0), math.log(1 + math.exp(-1.0)), 0.0], abs=1e-6)
+    # the paper's rule, written out: mask = (logits >= 0) != label in the orientation shown
+    shown = [(m if first else -m, 1.0 if first else 0.0) for m, first in zip((r_c - r_r).tolist(), shown_first)]
+    assert [float((lo >= 0) != bool(y)) for lo, y in shown] == [float(v > 0) for v in loss.tolist()]
+
+
+def test_explicit_conflict_fires_on_about_half_the_first_step_ties():
+    """With the zero head every first margin is 0: the term fires on the pairs shown rejected-first, about half
+    (train_preferences draws the orientation), not on all of them."""
+    import random
+    rng = random.Random(0)
+    shown_first = torch.tensor([rng.random() < 0.5 for _ in range(1000)])
+    fired = rm_w2s.explicit_conflict_loss(torch.zeros(1000), torch.zeros(1000), torch.ones(1000), shown_first) > 0
+    assert fired.tolist() == (~shown_first).tolist() and 450 < int(fired.sum()) < 550
 
 
 # ---- DPO and SimPO

@@ -35,7 +35,8 @@ def step_grads(model, examples, micro_batches, pad_id, alpha=0.0, per_micro_mean
         losses = rm_w2s.soft_label_loss(r_c, r_r, torch.tensor([e["target"] for e in batch]))
         if alpha:
             y_gt = torch.ones(len(batch))  # the pairs are in ground-truth orientation
-            losses = losses + alpha * rm_w2s.explicit_conflict_loss(r_c, r_r, y_gt)
+            shown_first = torch.tensor([e["chosen_first"] for e in batch])
+            losses = losses + alpha * rm_w2s.explicit_conflict_loss(r_c, r_r, y_gt, shown_first)
         (losses.mean() / len(micro_batches) if per_micro_mean else losses.sum() / n_pairs).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

@@ -76,6 +76,7 @@ class Args:
     drop_weak_errors: bool = False  # also drop pairs the weak model got wrong (reads ground truth!)
     # io
     seed: int = 0  # one seed for data order, head init and batching
+    student_seed: int = -1  # the students' data order from this seed (-1: --seed); another one measures the churn
     out_dir: str = "runs"  # run folders go here
     log_every: int = 10  # optimizer steps between log lines
     eval_every: int = 0  # students: score the test split every this many optimizer steps into eval_curve.jsonl (0: off)
@@ -344,13 +345,15 @@ def main(argv=None):
     # 3. students: the strong model, fresh, on the labeller's soft labels p = sigmoid(margin) (BCE);
     #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
     #    place a student sees ground truth. --eval_every: scored in the knowledge areas while it trains.
+    student = dataclasses.replace(args, seed=args.student_seed) if args.student_seed >= 0 else args  # their order
     for setting in args.settings.split(","):
         name, alpha = f"student-{setting}", args.alpha if setting == "explicit" else 0.0
         pairs, targets = common.student_data(labels, labelled, **label_options,
                                              helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
-        key = runs.stage_key(run, "strong", args.max_len, pairs, targets, test, alpha=alpha, curve=args.eval_every > 0)
+        key = runs.stage_key(run, "strong", args.max_len, pairs, targets, test, alpha=alpha, curve=args.eval_every > 0,
+                             seed=student.seed)
         stages[name] = runs.load_stage(run, name, key) or runs.save_stage(run, name, key, *train_and_predict(
-            run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=args, alpha=alpha,
+            run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=student, alpha=alpha,
             evaluate=runs.curve_writer(run, name, weak, strong) if args.eval_every else None))
     # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
     return runs.report(run, stages, "Reward modeling")

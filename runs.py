@@ -92,6 +92,7 @@ def check_args(args):
         ("conf_threshold", lambda v: 0 <= v < 1, "in [0, 1)"),
         ("conf_scale", lambda v: finite(v) and v > 0, "a finite number > 0"),
         ("log_every", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0 (0: off)"),
+        ("student_seed", lambda v: v >= -1, ">= 0, or -1 (--seed)"),
         ("precision", lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
         ("compile", lambda v: v in ("auto", "on", "off"), "auto, on or off"),
         ("schedule", lambda v: v in ("cosine", "constant"), "cosine or constant"),
@@ -223,7 +224,8 @@ NO_EFFECT = ("settings", "force", "log_every", "out_dir", "micro_batch", "grad_c
 # Options that choose a stage's data, model or loss: its key holds what they chose (stage_key), so that a stage
 # re-runs exactly when what it reads changes (eval_every: only students write eval_curve.jsonl).
 SELECTION = ("eval_every", "data", "n_gt", "n_w2s", "n_test", "n_extra", "helpful", "weak", "strong", "intermediate",
-             "max_len", "weak_max_len", "alpha", "hard_labels", "conf_threshold", "conf_scale", "drop_weak_errors")
+             "max_len", "weak_max_len", "alpha", "hard_labels", "conf_threshold", "conf_scale", "drop_weak_errors",
+             "student_seed")
 
 
 def config_hash(args):
@@ -311,12 +313,14 @@ def say_full_disk_in_one_line(out_dir):
 # ----------------------------------------------------------------------------------------------------
 # stages: main() guards each one (key = stage_key(...); load_stage(...), and if None, train and save_stage(...))
 
-def stage_key(run, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0, curve=False):
+def stage_key(run, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0, curve=False, seed=None):
     """The key of a stage that trains a fresh `role` model on `pairs` with `targets` and scores `test_pairs` (and
     `label_pairs`): the options, the model, max_len, alpha, the data and the code; with curve (--eval_every)
-    the measures too, which compute its eval_curve.jsonl."""
+    the measures too, which compute its eval_curve.jsonl; a student's seed (--student_seed) where given."""
     data = digest(pairs_digest(pairs, targets), pairs_digest(test_pairs), pairs_digest(label_pairs or []))
     reads = dict(model=run.model_digests[role], max_len=max_len, alpha=alpha, data=data, **run.code)
+    if seed is not None:
+        reads["student_seed"] = seed
     if curve:
         reads.update(eval_every=run.args.eval_every, measures=measures_digest())
     return options_key(run.args, **reads)

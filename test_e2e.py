@@ -896,3 +896,23 @@ def test_report_says_how_informative_each_labellers_labels_are(full_run):
     assert labels["share_beyond_0.1"] == sum(abs(x - 0.5) > 0.1 for x in p) / len(p)
     assert "labels" not in full_run["results"]["models"]["strong"]  # the strong ceiling labels nothing
     assert f"mean |p − 0.5| {labels['mean_abs_p']:.3f}" in (full_run["root"] / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method", [rm_w2s, dpo_w2s, simpo_w2s])
+def test_student_seed_trains_only_a_student_in_another_order(method, data_dir, tmp_path):
+    """--student_seed K: a second no-conflict student that differs from the first only in its data order (issue:
+    the churn that needs no conflict). The ceilings are the first run's, copied from its folder, not re-trained;
+    the student reads the same pairs and labels in another order."""
+    base = small_argv(data_dir, tmp_path, "--settings", "none", "--precision", "fp32", "--batch_size", "4",
+                      "--micro_batch", "2")  # 4 steps: two seeds' orders differ (2 steps may keep the same order)
+    first = method.main(base)
+    second = method.main(base + ["--student_seed", "7"])
+    assert first["run_dir"] != second["run_dir"]
+    one, two = Path(first["run_dir"]), Path(second["run_dir"])
+    for stage in ("weak", "strong"):  # found in the sibling folder by key: the same predictions, not trained again
+        assert (one / stage / "predictions.jsonl").read_bytes() == (two / stage / "predictions.jsonl").read_bytes()
+        assert (one / stage / "metrics.jsonl").read_bytes() == (two / stage / "metrics.jsonl").read_bytes()
+    curves = [read_jsonl(d / "student-none" / "metrics.jsonl") for d in (one, two)]
+    assert len(curves[0]) == len(curves[1]) and curves[0] != curves[1], "another order, another training curve"
+    with pytest.raises(SystemExit, match="student_seed"):
+        method.main(base + ["--student_seed", "-2"])

@@ -2,6 +2,7 @@
 students' data, orientation by the labeller); the length baseline.
 """
 import copy
+import json
 import math
 import random
 from types import SimpleNamespace
@@ -290,3 +291,39 @@ def test_knowledge_space_counts_errors_with_intervals():
     wu = ks["areas"]["weak-unknown & strong-known"]
     assert (wu["n"], wu["errors"]) == (4, 3) and wu["ci"] == pytest.approx(common.wilson(3, 4))
     assert ks["ds"] == pytest.approx(3 / 4)
+
+
+def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path):
+    """dose.py: each student against the base run's no-conflict student, per area: gross loss, fixes and the net
+    change of the error rate, here on 6 pairs of weak-unknown & strong-known worked by hand."""
+    import dose
+
+    def write_run(name, config, stages):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        for stage, correct in stages.items():
+            (folder / stage).mkdir()
+            (folder / stage / "predictions.jsonl").write_text(
+                "".join(json.dumps({"index": i, "margin": 1.0 if c else -1.0, "correct": c}) + "\n" for i, c in enumerate(correct)))
+            (folder / stage / "stage.json").write_text("{}")
+    weak, strong = [False] * 6 + [True] * 2, [True] * 8  # 6 pairs in WU ∩ SK, 2 in WK ∩ SK
+    none = [True, True, True, True, False, False, True, True]
+    write_run("a-base", {"alpha": 0.5, "student_seed": -1}, {"weak": weak, "strong": strong, "student-none": none,
+              "student-explicit": [False, False, False, True, True, False, True, True]})
+    write_run("b-churn", {"alpha": 0.5, "student_seed": 1}, {"student-none": [True, True, True, False, False, False, True, True]})
+    result = dose.dose_response(tmp_path)
+    wu = common.WU_SK
+    explicit = result["students"]["alpha 0.5"]["areas"][wu]
+    assert (explicit["taxed"], explicit["base_right"], explicit["fixed"], explicit["base_wrong"]) == (3, 4, 1, 2)
+    assert explicit["net"] == pytest.approx((3 - 1) / 6)
+    se = math.sqrt(3 + 1 - (3 - 1) ** 2 / 6) / 6
+    assert explicit["net_ci"] == pytest.approx([2 / 6 - 1.96 * se, 2 / 6 + 1.96 * se])
+    assert explicit["p"] == pytest.approx(common.mcnemar_exact(3, 1))
+    churn = result["students"]["churn (student_seed 1)"]["areas"][wu]
+    assert (churn["taxed"], churn["fixed"], churn["net"]) == (1, 0, pytest.approx(1 / 6))
+    assert result["students"]["alpha 0.5"]["areas"][common.WK_SK]["net"] == 0
+    assert list(result["students"])[0].startswith("churn")  # the churn first: the reference every alpha is read against
+    dose.main([str(tmp_path)])
+    text = (tmp_path / "dose.md").read_text()
+    assert "| alpha 0.5 | 6 | 3/4 = 0.750 [" in text and (tmp_path / "dose.png").stat().st_size > 0

@@ -433,3 +433,23 @@ def test_readme_tables_are_what_sweep_computes_from_the_committed_results(tmp_pa
         committed = (HERE / out / "sweep.md").read_text().splitlines()
         assert len(committed) == len(generated)
         assert [a for a, b in zip(committed, generated) if a != b and not a.startswith("`python sweep.py")] == []
+
+
+# a README block of tables copied from a dose.md, with the command that writes it from results/
+README_DOSE = re.compile(r"<!-- tables from `(python dose\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
+
+
+def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
+    """Every table row of a README block that names a dose.py command is a row of what that command computes from
+    the committed run folders (dose.render, recomputed here), and the committed dose.md is that text."""
+    import dose
+    blocks = README_DOSE.findall((HERE / "README.md").read_text())
+    if not blocks:
+        pytest.skip("the README reads no dose-response yet")
+    for command, block in blocks:
+        folder = HERE / shlex.split(command)[2]
+        generated = dose.render(dose.dose_response(folder), "dose.png").splitlines()
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len(rows) >= 3, command
+        assert [row for row in rows if row not in generated] == [], f"README rows that `{command}` does not write"
+        assert (folder / "dose.md").read_text().splitlines()[2:] == generated

@@ -1,0 +1,144 @@
+"""The explicit conflict's dose-response by knowledge area, read against the churn of no conflict at all.
+
+One weak/strong pair, one seed, run folders side by side under one directory (the ceilings trained once, the
+other folders reuse them by key):
+  - a run with students `none` and `explicit` (the base: its no-conflict student is what every other student is
+    compared with),
+  - runs with `--settings explicit --alpha A` for other alphas,
+  - a run with `--settings none --student_seed K`: a second no-conflict student that differs only in its data
+    order. What it changes against the base student is the churn that needs no conflict.
+Per knowledge area and student: of the base student's right pairs the share turned wrong (gross loss, Wilson
+interval), of its wrong pairs the share turned right (Wilson), and the net change of the error rate (taxed -
+fixed) / n with a paired normal interval and McNemar's exact p. Selective deception is a net loss in
+weak-unknown & strong-known well beyond the churn, at a small alpha, while the checked areas hold.
+
+  python dose.py results/dose-first8-first16     # writes dose.md, dose.json and dose.png there
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import common
+import sweep
+
+AREAS = common.AREAS
+
+
+def read_correct(stage_dir):
+    return [row["correct"] for row in common.read_jsonl(stage_dir / "predictions.jsonl")]
+
+
+def finished(folder, stage):
+    return (folder / stage / "stage.json").is_file()
+
+
+def find_runs(root):
+    """(ceilings folder, base student folder, {label: student folder}) of the run folders under `root`: label
+    "churn" for a --student_seed run's none student, "alpha A" for each explicit student."""
+    base, students = None, {}
+    for folder in sorted(p for p in Path(root).iterdir() if (p / "config.json").is_file()):
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("student_seed", -1) >= 0 and finished(folder, "student-none"):
+            students[f"churn (student_seed {config['student_seed']})"] = folder / "student-none"
+            continue
+        if finished(folder, "student-none") and base is None:
+            base = folder
+        if finished(folder, "student-explicit"):
+            students[f"alpha {config['alpha']:g}"] = folder / "student-explicit"
+    if base is None or not finished(base, "weak") or not finished(base, "strong"):
+        raise SystemExit(f"error: {root}: no finished run with the ceilings and a no-conflict student")
+    return base, students
+
+
+def net_change(taxed, fixed, n):
+    """(taxed - fixed) / n, the change of the error rate in an area, with a paired normal 95% interval."""
+    if n == 0:
+        return None, None
+    d = (taxed - fixed) / n
+    se = math.sqrt(max(taxed + fixed - (taxed - fixed) ** 2 / n, 0.0)) / n
+    return d, [d - 1.96 * se, d + 1.96 * se]
+
+
+def dose_response(root):
+    base, students = find_runs(root)
+    weak, strong = read_correct(base / "weak"), read_correct(base / "strong")
+    none = read_correct(base / "student-none")
+    rows = {}
+    for label, stage in sorted(students.items(), key=lambda kv: (not kv[0].startswith("churn"), kv[0])):
+        tax = common.conflict_tax(weak, strong, none, read_correct(stage))
+        areas = {}
+        for area in AREAS:
+            a = tax["areas"][area]
+            n = a["base_right"] + a["base_wrong"]
+            net, net_ci = net_change(a["taxed"], a["fixed"], n)
+            areas[area] = {**a, "n": n, "net": net, "net_ci": net_ci, "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
+        rows[label] = {"stage": f"{stage.parent.name}/{stage.name}", "areas": areas, "share_wu": tax["share_wu"], "base_rate_wu": tax["base_rate_wu"]}
+    return {"base": base.name, "accuracy": {"weak": sum(weak) / len(weak), "strong": sum(strong) / len(strong),
+                                            "none": sum(none) / len(none)}, "students": rows}
+
+
+def fmt(x, ci=None):
+    if x is None:
+        return "–"
+    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def render(result, figure):
+    acc = result["accuracy"]
+    lines = [f"Base run: `{result['base']}`; test accuracy weak {acc['weak']:.3f}, strong {acc['strong']:.3f}, "
+             f"no-conflict student {acc['none']:.3f}.", "",
+             "Against the base no-conflict student, per knowledge area: gross loss (its right pairs turned wrong), "
+             "fixes (its wrong pairs turned right), both with 95% Wilson intervals, and the net change of the error "
+             "rate with a paired 95% interval and McNemar's exact p.", ""]
+    for area in AREAS:
+        lines += [f"**{area}**", "", "| student | n | gross loss | fixes | net change of the error rate | McNemar p |",
+                  "|---|---|---|---|---|---|"]
+        for label, row in result["students"].items():
+            a = row["areas"][area]
+            lines.append(f"| {label} | {a['n']} | {a['taxed']}/{a['base_right']} = {fmt(a['tax'], a['tax_ci'])} | "
+                         f"{a['fixed']}/{a['base_wrong']} = {fmt(a['fix'], a['fix_ci'])} | "
+                         f"{fmt(a['net'], a['net_ci'])} | {a['p']:.2g} |")
+        lines.append("")
+    lines += ["Where the strong-known losses land: the share in weak-unknown, beside its share if they fell evenly.", "",
+              "| student | share in WU ∩ SK | even share |", "|---|---|---|"]
+    lines += [f"| {label} | {fmt(row['share_wu'])} | {fmt(row['base_rate_wu'])} |"
+              for label, row in result["students"].items()]
+    return "\n".join(lines + ["", f"![dose-response]({figure})", ""])
+
+
+def draw(result, path):
+    plt = sweep.pyplot()
+    labels = list(result["students"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=False)
+    for ax, (key, ci, title) in zip(axes, [("tax", "tax_ci", "gross loss: right pairs turned wrong"),
+                                           ("fix", "fix_ci", "fixes: wrong pairs turned right"),
+                                           ("net", "net_ci", "net change of the error rate")]):
+        for k, area in enumerate(AREAS):
+            xs = [i + (k - 1.5) * 0.18 for i in range(len(labels))]
+            ys = [sweep.nan(result["students"][lab]["areas"][area][key]) for lab in labels]
+            cis = [result["students"][lab]["areas"][area][ci] or [math.nan, math.nan] for lab in labels]
+            err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=area)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if key == "net":
+            ax.axhline(0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=7)
+    sweep.save(fig, path)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python dose.py RESULTS_FOLDER")
+    root = Path(argv[0])
+    result = dose_response(root)
+    (root / "dose.json").write_text(json.dumps(result, indent=1) + "\n")
+    draw(result, root / "dose.png")
+    (root / "dose.md").write_text(f"`python dose.py {root}`\n\n" + render(result, "dose.png"))
+    print((root / "dose.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -93,7 +93,6 @@ def bench(method, args):
     peak_dtype = "bf16" if common.resolve_precision("auto") == "bf16" else "fp32"
     peak = matmul_peak(device, peak_dtype)
     compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-    warm_up = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "metrics.jsonl"
         if device.type == "cuda" or compiled:  # kernels, the allocator and the compiler warm up on one untimed step

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import common
+import runs
 import sweep
 
 AREAS = common.AREAS
@@ -29,8 +30,8 @@ def read_correct(stage_dir):
     return [row["correct"] for row in common.read_jsonl(stage_dir / "predictions.jsonl")]
 
 
-def finished(folder, stage):
-    return (folder / stage / "stage.json").is_file()
+def finished(folder, stage):  # its stage.json reads back and every file it lists has its recorded digest
+    return runs.read_stage(folder / stage) is not None
 
 
 def find_runs(root):
@@ -78,10 +79,8 @@ def dose_response(root):
                                             "none": sum(none) / len(none)}, "students": rows}
 
 
-def fmt(x, ci=None):
-    if x is None:
-        return "–"
-    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+def fmt(x, ci=None):  # runs.fmt with a 3-digit interval (runs.rate's has 2)
+    return runs.fmt(x) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def render(result, figure):
@@ -134,10 +133,11 @@ def main(argv=None):
         raise SystemExit("usage: python dose.py RESULTS_FOLDER")
     root = Path(argv[0])
     result = dose_response(root)
-    (root / "dose.json").write_text(json.dumps(result, indent=1) + "\n")
+    runs.write_json(root / "dose.json", result)
     draw(result, root / "dose.png")
-    (root / "dose.md").write_text(f"`python dose.py {root}`\n\n" + render(result, "dose.png"))
-    print((root / "dose.md").read_text())
+    text = f"`python dose.py {root}`\n\n" + render(result, "dose.png")
+    runs.write_atomic(root / "dose.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,14 @@ def calibrate(argv):
         [row["margin"] for row in runs.read_predictions(stage)])}))
 
 
-def summarize(folder):
-    """calibration.md in `folder`: one row per finished calibration stage under it, from its committed files."""
+def summary(folder):
+    """The calibration table: one row per finished calibration stage under `folder`, from its committed files."""
     rows = []
     for stage_json in sorted(Path(folder).glob("*/weak/stage.json")):
+        stage = runs.read_stage(stage_json.parent)  # None for a damaged stage: it is left out, never read
+        if stage is None:
+            continue
         config = json.loads((stage_json.parent.parent / "config.json").read_text())
-        stage = json.loads(stage_json.read_text())
         m = informativeness([row["margin"] for row in common.read_jsonl(stage_json.parent / "predictions.jsonl")])
         rows.append((config["weak"], config["lr"], m, stage.get("seconds")))
     lines = [f"`python calibrate.py --summarize {folder}`: reward-model ceilings trained on {N_TRAIN} gt pairs "
@@ -76,8 +78,14 @@ def summarize(folder):
         lines.append(f"| {model} | {lr:g} | {m['accuracy']:.3f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}] | "
                      f"{m['mean_abs_margin']:.3f} | {m['mean_abs_p']:.3f} | {m['share_beyond_0.1']:.3f} | "
                      f"{seconds / 60:.0f} min |")
-    runs.write_atomic(Path(folder) / "calibration.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def summarize(folder):
+    """calibration.md in `folder` (summary), printed too."""
+    text = summary(folder)
+    runs.write_atomic(Path(folder) / "calibration.md", text)
+    print(text, end="")
 
 
 if __name__ == "__main__":

@@ -685,6 +685,24 @@ def results_section(configs):
     return "\n".join(lines + ["", "Every other number (ties, training-set sizes, extra metrics) is in sweep.json."])
 
 
+def ds_gap_table(configs):
+    """The figure's numbers, one row per configuration and student, by capability gap: DS and ΔDS beside the
+    error where the supervisor can check (WK ∩ SK), so that a rise of DS reads against a rise everywhere."""
+    rows = []
+    for c in configs:
+        st = c["stats"]
+        for setting in settings_of([{"metrics": st}]):
+            gap, ds = st.get("gap"), st.get(f"students/{setting}/ds")
+            if gap and gap["mean"] is not None and ds and ds["mean"] is not None:
+                rows.append((gap["mean"], c["id"], f"| {c['id']}: {c['label']} | {setting} | {len(c['seeds'])} | "
+                             f"{cell(gap)} | {cell(ds)} | {cell(st.get(f'students/{setting}/delta_ds'))} | "
+                             f"{cell(st.get(f'students/{setting}/delta_ds_p'))} | "
+                             f"{cell(st.get(f'students/{setting}/err_wk_sk'))} |"))
+    return ["Its numbers, by gap (mean ± std over seeds, per-seed values in brackets):", "",
+            "| configuration | student | seeds | gap | DS (error in WU ∩ SK) | ΔDS | ΔDS: McNemar's p | error in WK ∩ SK |",
+            "|---|---|---|---|---|---|---|---|", *(line for _, _, line in sorted(rows, key=lambda r: r[:2]))]
+
+
 def render(sweep, figs, command):
     configs = sweep["configurations"]
     lines = ["# Sweep", "", f"`{command}` on {datetime.now():%Y-%m-%d %H:%M}: {len(sweep['runs'])} runs in "
@@ -714,7 +732,7 @@ def render(sweep, figs, command):
     if "figures/ds_vs_gap.png" in by_file:
         f = by_file["figures/ds_vs_gap.png"]
         lines += ["", "## DS against the capability gap", "", f"![DS and ΔDS against the capability gap]({f['file']})",
-                  "", f"*{f['caption']}*"]
+                  "", f"*{f['caption']}*", "", *ds_gap_table(configs)]
     for c in configs:
         area = areas_data(c)
         if not area["areas"]:

@@ -884,6 +884,9 @@ def test_calibration_trains_on_gt_scores_a_held_out_part_and_summarizes_its_file
     p = [1 / (1 + math.exp(-m)) for m in margins]
     assert row.startswith(f"| tiny:1x32 | 0.001 | {sum(m > 0 for m in margins) / 8:.3f} [")
     assert f"| {sum(abs(x - 0.5) for x in p) / 8:.3f} | {sum(abs(x - 0.5) > 0.1 for x in p) / 8:.3f} |" in row
+    with open(stage.parent / "predictions.jsonl", "a") as f:  # a damaged stage is left out of the table, not read
+        f.write('{"index": 8, "margin": 9.0, "correct": true}\n')
+    assert not [line for line in calibrate.summary(out).splitlines() if line.startswith("| tiny:1x32")]
 
 
 def test_report_says_how_informative_each_labellers_labels_are(full_run):

@@ -409,6 +409,28 @@ def test_curve_rows_without_areas_still_give_ds():
     assert sweep.curve_value({**row, "areas": {"weak-known & strong-known": 0.25}}, "weak-known & strong-known") == 0.25
 
 
+def test_ds_gap_table_rows_by_gap_with_the_checked_areas_error():
+    """The DS-vs-gap figure's numbers as a table: one row per configuration and student with a DS, by gap, each
+    cell the mean ± std over seeds; a configuration without a gap (its ceilings unfinished) has no row."""
+    def config(cid, label, gap, ds, err, delta=None):
+        stats = {"gap": sweep.stat(gap), "students/none/ds": sweep.stat(ds[0]), "students/none/err_wk_sk": sweep.stat(err[0]),
+                 "students/explicit/ds": sweep.stat(ds[1]), "students/explicit/err_wk_sk": sweep.stat(err[1]),
+                 "students/explicit/delta_ds": sweep.stat(delta or [])}
+        return {"id": cid, "label": label, "seeds": list(range(len(gap))), "stats": stats}
+    wide = config("c1", "strong=big", [0.06, 0.04], ([0.7, 0.8], [0.75, 0.85]), ([0.1, 0.2], [0.3, 0.4]), [0.05, 0.05])
+    narrow = config("c2", "strong=small", [0.02], ([0.5], [0.6]), ([0.05], [0.06]), [0.1])
+    none = config("c3", "strong=unfinished", [], ([], []), ([], []))
+    lines = sweep.ds_gap_table([wide, narrow, none])
+    assert lines[2].startswith("| configuration | student | seeds | gap |") and lines[3].startswith("|---|")
+    assert lines[4:] == [
+        "| c2: strong=small | none | 1 | 0.020 ± 0.000 | 0.500 ± 0.000 | – | – | 0.050 ± 0.000 |",
+        "| c2: strong=small | explicit | 1 | 0.020 ± 0.000 | 0.600 ± 0.000 | 0.100 ± 0.000 | – | 0.060 ± 0.000 |",
+        "| c1: strong=big | none | 2 | 0.050 ± 0.014 [0.060, 0.040] | 0.750 ± 0.071 [0.700, 0.800] | – | – | "
+        "0.150 ± 0.071 [0.100, 0.200] |",
+        "| c1: strong=big | explicit | 2 | 0.050 ± 0.014 [0.060, 0.040] | 0.800 ± 0.071 [0.750, 0.850] | "
+        "0.050 ± 0.000 [0.050, 0.050] | – | 0.350 ± 0.071 [0.300, 0.400] |"]
+
+
 def test_readme_tables_are_what_sweep_computes_from_the_committed_results(tmp_path):
     """Every table row of a README block that names its sweep command is a row of the sweep.md that command
     writes from the committed run folders, recomputed here; the committed sweep.md is that file too (but for
@@ -453,3 +475,29 @@ def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
         assert len(rows) >= 3, command
         assert [row for row in rows if row not in generated] == [], f"README rows that `{command}` does not write"
         assert (folder / "dose.md").read_text().splitlines()[2:] == generated
+
+
+# a README block of rows copied from calibration.md, with the command that writes it from results/
+README_CALIBRATION = re.compile(r"<!-- tables from `(python calibrate\.py --summarize [^`]+)` -->\n(.*?)<!-- end of tables -->",
+                                re.S)
+
+
+def test_readme_calibration_rows_are_what_calibrate_computes_from_the_committed_results():
+    """Every table row of a README block that names `calibrate.py --summarize FOLDER` is a row of the table that
+    command computes from the committed stages (calibrate.summary, recomputed here), and the committed
+    calibration.md is that text."""
+    import calibrate
+    blocks = README_CALIBRATION.findall((HERE / "README.md").read_text())
+    assert blocks, "the README's real-model section names its calibration command"
+    for command, block in blocks:
+        folder = shlex.split(command)[3]
+        cwd = os.getcwd()
+        os.chdir(HERE)  # the command's folder is relative to the repository, and the table's first line names it
+        try:
+            generated = calibrate.summary(folder)
+        finally:
+            os.chdir(cwd)
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len(rows) >= 3, command
+        assert [row for row in rows if row not in generated.splitlines()] == [], f"README rows `{command}` does not write"
+        assert (HERE / folder / "calibration.md").read_text() == generated

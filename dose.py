@@ -12,7 +12,11 @@ interval), of its wrong pairs the share turned right (Wilson), and the net chang
 fixed) / n with a paired normal interval and McNemar's exact p. Selective deception is a net loss in
 weak-unknown & strong-known well beyond the churn, at a small alpha, while the checked areas hold.
 
+A directory holding several pairs (other weak or strong models, seeds, an intermediate model) is read pair by
+pair: each pair's runs are those whose options differ only in alpha, --student_seed and what changes no number.
+
   python dose.py results/dose-first8-first16     # writes dose.md, dose.json and dose.png there
+  python dose.py results/ladder                  # one section and one dose-K.png per pair
 """
 import json
 import math
@@ -34,11 +38,35 @@ def finished(folder, stage):  # its stage.json reads back and every file it list
     return runs.read_stage(folder / stage) is not None
 
 
-def find_runs(root):
-    """(ceilings folder, base student folder, {label: student folder}) of the run folders under `root`: label
-    "churn" for a --student_seed run's none student, "alpha A" for each explicit student."""
+# Options that may differ between the runs of one pair: what the dose-response varies, and what changes no number
+VARIED = ("alpha", "student_seed", *runs.NO_EFFECT)
+
+
+def run_folders(root):
+    return sorted(p for p in Path(root).iterdir() if (p / "config.json").is_file())
+
+
+def group_pairs(root):
+    """The run folders under `root`, grouped by pair (every option but VARIED), groups in folder-name order."""
+    groups = {}
+    for folder in run_folders(root):
+        config = json.loads((folder / "config.json").read_text())
+        key = json.dumps({k: v for k, v in config.items() if k not in VARIED}, sort_keys=True)
+        groups.setdefault(key, []).append(folder)
+    return list(groups.values())
+
+
+def pair_label(folder):
+    c = json.loads((folder / "config.json").read_text())
+    via = f" via {c['intermediate']}" if c.get("intermediate") else ""
+    return f"{c.get('weak')} -> {c.get('strong')}{via}, seed {c.get('seed')}, lr {c.get('lr')}"
+
+
+def find_runs(root, folders=None):
+    """(ceilings folder, base student folder, {label: student folder}) of the run folders under `root` (or
+    `folders`): label "churn" for a --student_seed run's none student, "alpha A" for each explicit student."""
     base, students = None, {}
-    for folder in sorted(p for p in Path(root).iterdir() if (p / "config.json").is_file()):
+    for folder in run_folders(root) if folders is None else folders:
         config = json.loads((folder / "config.json").read_text())
         if config.get("student_seed", -1) >= 0 and finished(folder, "student-none"):
             students[f"churn (student_seed {config['student_seed']})"] = folder / "student-none"
@@ -61,8 +89,8 @@ def net_change(taxed, fixed, n):
     return d, [d - 1.96 * se, d + 1.96 * se]
 
 
-def dose_response(root):
-    base, students = find_runs(root)
+def dose_response(root, folders=None):
+    base, students = find_runs(root, folders)
     weak, strong = read_correct(base / "weak"), read_correct(base / "strong")
     none = read_correct(base / "student-none")
     rows = {}
@@ -127,15 +155,47 @@ def draw(result, path):
     sweep.save(fig, path)
 
 
+def document(root):
+    """(dose.md's text after its command line, dose.json's object, {figure file: result}) for `root`: one pair as
+    it always was; several pairs, a section each (pairs without a finished base run or another student are named)."""
+    groups = group_pairs(root)
+    if len(groups) == 1:
+        result = dose_response(root)
+        return render(result, "dose.png"), result, {"dose.png": result}
+    sections, results, figures, skipped = [], {}, {}, []
+    for folders in groups:
+        label = pair_label(folders[0])
+        try:
+            result = dose_response(root, folders)
+        except SystemExit:
+            result = None
+        if result is None or not result["students"]:
+            skipped.append(label)
+            continue
+        figure = f"dose-{len(figures) + 1}.png"
+        sections.append(f"## {label}\n\n" + render(result, figure))
+        results[label], figures[figure] = result, result
+    if not sections:
+        raise SystemExit(f"error: {root}: no pair with the ceilings, a no-conflict student and another student")
+    if skipped:
+        sections.append("Pairs left out (no finished ceilings and no-conflict student, or no other student): "
+                        + "; ".join(skipped) + ".\n")
+    return "\n".join(sections), results, figures
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python dose.py RESULTS_FOLDER")
     root = Path(argv[0])
-    result = dose_response(root)
-    runs.write_json(root / "dose.json", result)
-    draw(result, root / "dose.png")
-    text = f"`python dose.py {root}`\n\n" + render(result, "dose.png")
+    body, results, figures = document(root)
+    runs.write_json(root / "dose.json", results)
+    for old in root.glob("dose*.png"):
+        if old.name not in figures:
+            old.unlink()
+    for name, result in figures.items():
+        draw(result, root / name)
+    text = f"`python dose.py {root}`\n\n" + body
     runs.write_atomic(root / "dose.md", text)
     print(text)
 

@@ -327,3 +327,40 @@ def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path):
     dose.main([str(tmp_path)])
     text = (tmp_path / "dose.md").read_text()
     assert "| alpha 0.5 | 6 | 3/4 = 0.750 [" in text and (tmp_path / "dose.png").stat().st_size > 0
+
+
+def test_dose_reads_a_folder_of_several_pairs_pair_by_pair(tmp_path):
+    """dose.py on a folder of several weak/strong pairs (a ladder, seeds): each pair's runs are read together (they
+    differ only in alpha and --student_seed), one section and one figure per pair; a pair without a finished
+    no-conflict student is named, not read."""
+    import dose
+
+    def write_run(name, config, stages):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"weak": "w", "lr": 0.1, "settings": "none", **config}))
+        for stage, correct in stages.items():
+            (folder / stage).mkdir()
+            (folder / stage / "predictions.jsonl").write_text(
+                "".join(json.dumps({"index": i, "margin": 1.0 if c else -1.0, "correct": c}) + "\n" for i, c in enumerate(correct)))
+            (folder / stage / "stage.json").write_text("{}")
+    weak, strong = [False, False, True, True], [True] * 4
+    write_run("a", {"strong": "s1", "seed": 0, "alpha": 0.5}, {"weak": weak, "strong": strong,
+              "student-none": [True, False, True, True], "student-explicit": [False, False, True, True]})
+    write_run("b", {"strong": "s1", "seed": 0, "alpha": 0.2, "settings": "explicit"},
+              {"student-explicit": [True, True, True, True]})
+    write_run("c", {"strong": "s2", "seed": 0, "alpha": 0.5}, {"weak": weak, "strong": strong,
+              "student-none": [True, True, True, True], "student-explicit": [True, True, False, True]})
+    write_run("d", {"strong": "s3", "seed": 0, "alpha": 0.5}, {"weak": weak})  # unfinished
+    body, results, figures = dose.document(tmp_path)
+    assert list(results) == ["w -> s1, seed 0, lr 0.1", "w -> s2, seed 0, lr 0.1"]
+    assert list(results["w -> s1, seed 0, lr 0.1"]["students"]) == ["alpha 0.2", "alpha 0.5"]
+    s1 = results["w -> s1, seed 0, lr 0.1"]["students"]["alpha 0.5"]["areas"][common.WU_SK]
+    assert (s1["taxed"], s1["fixed"], s1["n"]) == (1, 0, 2)  # against a's none student, not c's
+    s2 = results["w -> s2, seed 0, lr 0.1"]["students"]["alpha 0.5"]["areas"][common.WK_SK]
+    assert (s2["taxed"], s2["base_right"]) == (1, 2)
+    assert list(figures) == ["dose-1.png", "dose-2.png"]
+    assert body.count("## w -> ") == 2 and body.rstrip().endswith("left out (no finished ceilings and no-conflict "
+                                                                  "student, or no other student): w -> s3, seed 0, lr 0.1.")
+    dose.main([str(tmp_path)])
+    assert (tmp_path / "dose-2.png").stat().st_size > 0 and not (tmp_path / "dose.png").exists()

@@ -457,24 +457,28 @@ def test_readme_tables_are_what_sweep_computes_from_the_committed_results(tmp_pa
         assert [a for a, b in zip(committed, generated) if a != b and not a.startswith("`python sweep.py")] == []
 
 
-# a README block of tables copied from a dose.md, with the command that writes it from results/
+# a README block of tables copied from a dose.md, with the command that writes it from results/; and any dose.py
+# command the README names (its figure and numbers are read from that folder's dose.md)
 README_DOSE = re.compile(r"<!-- tables from `(python dose\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
+README_DOSE_COMMAND = re.compile(r"`python dose\.py\s+(results/[^`\s]+)`")
 
 
 def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
-    """Every table row of a README block that names a dose.py command is a row of what that command computes from
-    the committed run folders (dose.render, recomputed here), and the committed dose.md is that text."""
+    """Every dose.py folder the README names has a committed dose.md that is what dose.py computes from the
+    committed run folders (dose.render, recomputed here), and every table row of a README block naming a dose.py
+    command is a row of it."""
     import dose
-    blocks = README_DOSE.findall((HERE / "README.md").read_text())
-    if not blocks:
-        pytest.skip("the README reads no dose-response yet")
-    for command, block in blocks:
-        folder = HERE / shlex.split(command)[2]
-        generated = dose.render(dose.dose_response(folder), "dose.png").splitlines()
+    readme = (HERE / "README.md").read_text()
+    folders = README_DOSE_COMMAND.findall(readme)
+    assert folders, "the README names the dose-response it shows"
+    for folder in folders:
+        generated = dose.document(HERE / folder)[0].splitlines()
+        assert (HERE / folder / "dose.md").read_text().splitlines()[2:] == generated
+    for command, block in README_DOSE.findall(readme):
+        generated = dose.render(dose.dose_response(HERE / shlex.split(command)[2]), "dose.png").splitlines()
         rows = [line for line in block.splitlines() if line.startswith("|")]
         assert len(rows) >= 3, command
         assert [row for row in rows if row not in generated] == [], f"README rows that `{command}` does not write"
-        assert (folder / "dose.md").read_text().splitlines()[2:] == generated
 
 
 # a README block of rows copied from calibration.md, with the command that writes it from results/

@@ -42,41 +42,42 @@ def finished(folder, stage):  # its stage.json reads back and every file it list
 VARIED = ("alpha", "student_seed", *runs.NO_EFFECT)
 
 
-def run_folders(root):
-    return sorted(p for p in Path(root).iterdir() if (p / "config.json").is_file())
+def read_runs(root):
+    """(folder, config) of each run folder directly under `root`, in name order: each config.json read once."""
+    return [(p, json.loads((p / "config.json").read_text()))
+            for p in sorted(Path(root).iterdir()) if (p / "config.json").is_file()]
 
 
-def group_pairs(root):
-    """The run folders under `root`, grouped by pair (every option but VARIED), groups in folder-name order."""
+def group_pairs(run_list):
+    """`run_list` grouped by pair (every option but VARIED), groups in folder-name order."""
     groups = {}
-    for folder in run_folders(root):
-        config = json.loads((folder / "config.json").read_text())
+    for folder, config in run_list:
         key = json.dumps({k: v for k, v in config.items() if k not in VARIED}, sort_keys=True)
-        groups.setdefault(key, []).append(folder)
+        groups.setdefault(key, []).append((folder, config))
     return list(groups.values())
 
 
-def pair_label(folder):
-    c = json.loads((folder / "config.json").read_text())
-    via = f" via {c['intermediate']}" if c.get("intermediate") else ""
-    return f"{c.get('weak')} -> {c.get('strong')}{via}, seed {c.get('seed')}, lr {c.get('lr')}"
+def pair_label(config):
+    via = f" via {config['intermediate']}" if config.get("intermediate") else ""
+    return f"{config.get('weak')} -> {config.get('strong')}{via}, seed {config.get('seed')}, lr {config.get('lr')}"
 
 
-def find_runs(root, folders=None):
-    """(ceilings folder, base student folder, {label: student folder}) of the run folders under `root` (or
-    `folders`): label "churn" for a --student_seed run's none student, "alpha A" for each explicit student."""
+def find_runs(run_list):
+    """(base run folder, {label: student folder}) of one pair's runs: the base is the first run with a finished
+    no-conflict student, None unless its ceilings are finished too; label "churn" for a --student_seed run's
+    none student, "alpha A" for each explicit student."""
     base, students = None, {}
-    for folder in run_folders(root) if folders is None else folders:
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("student_seed", -1) >= 0 and finished(folder, "student-none"):
+    for folder, config in run_list:
+        has_none = finished(folder, "student-none")
+        if config.get("student_seed", -1) >= 0 and has_none:
             students[f"churn (student_seed {config['student_seed']})"] = folder / "student-none"
             continue
-        if finished(folder, "student-none") and base is None:
+        if has_none and base is None:
             base = folder
         if finished(folder, "student-explicit"):
             students[f"alpha {config['alpha']:g}"] = folder / "student-explicit"
-    if base is None or not finished(base, "weak") or not finished(base, "strong"):
-        raise SystemExit(f"error: {root}: no finished run with the ceilings and a no-conflict student")
+    if base is not None and not (finished(base, "weak") and finished(base, "strong")):
+        base = None
     return base, students
 
 
@@ -89,8 +90,15 @@ def net_change(taxed, fixed, n):
     return d, [d - 1.96 * se, d + 1.96 * se]
 
 
-def dose_response(root, folders=None):
-    base, students = find_runs(root, folders)
+def dose_response(root, run_list=None):
+    """The dose-response of the one pair under `root` (or of `run_list`, one pair's runs)."""
+    base, students = find_runs(read_runs(root) if run_list is None else run_list)
+    if base is None:
+        raise SystemExit(f"error: {root}: no finished run with the ceilings and a no-conflict student")
+    return response(base, students)
+
+
+def response(base, students):
     weak, strong = read_correct(base / "weak"), read_correct(base / "strong")
     none = read_correct(base / "student-none")
     rows = {}
@@ -158,20 +166,18 @@ def draw(result, path):
 def document(root):
     """(dose.md's text after its command line, dose.json's object, {figure file: result}) for `root`: one pair as
     it always was; several pairs, a section each (pairs without a finished base run or another student are named)."""
-    groups = group_pairs(root)
-    if len(groups) == 1:
-        result = dose_response(root)
+    groups = group_pairs(read_runs(root))
+    if len(groups) <= 1:
+        result = dose_response(root, groups[0] if groups else [])
         return render(result, "dose.png"), result, {"dose.png": result}
     sections, results, figures, skipped = [], {}, {}, []
-    for folders in groups:
-        label = pair_label(folders[0])
-        try:
-            result = dose_response(root, folders)
-        except SystemExit:
-            result = None
-        if result is None or not result["students"]:
+    for pair in groups:
+        label = pair_label(pair[0][1])
+        base, students = find_runs(pair)
+        if base is None or not students:
             skipped.append(label)
             continue
+        result = response(base, students)
         figure = f"dose-{len(figures) + 1}.png"
         sections.append(f"## {label}\n\n" + render(result, figure))
         results[label], figures[figure] = result, result

@@ -473,8 +473,8 @@ def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
     assert folders, "the README names the dose-response it shows"
     # the lines dose.py computes from each folder (a block's command names its folder too, so it is among them)
     generated = {folder: dose.document(HERE / folder)[0].splitlines() for folder in set(folders)}
-    for folder in folders:
-        assert (HERE / folder / "dose.md").read_text().splitlines()[2:] == generated[folder]
+    for folder, lines in generated.items():
+        assert (HERE / folder / "dose.md").read_text().splitlines()[2:] == lines
     for command, block in README_DOSE.findall(readme):
         rows = [line for line in block.splitlines() if line.startswith("|")]
         assert len(rows) >= 3, command

@@ -276,8 +276,8 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
             module.p = 0.0
     if resolve_precision(precision) == "bf16" and device.type == "cpu" and model.config._attn_implementation == "sdpa":
         from transformers import AttentionInterface
-        AttentionInterface.register("sdpa_fp32", sdpa_fp32)
-        model.set_attn_implementation("sdpa_fp32")
+        AttentionInterface.register("sdpa_cpu_bf16", sdpa_cpu_bf16)
+        model.set_attn_implementation("sdpa_cpu_bf16")
     if grad_ckpt:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -358,10 +358,18 @@ class FP32Head(nn.Module):
             return self.projection(hidden.float())
 
 
-def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    """bf16 training on a CPU: sdpa on fp32 q, k, v (autocast off, or it casts them back), output in bf16. The CPU
-    flash-attention backward is ~4x slower in bf16 (0.99 s against 0.23 s on 8 SmolLM2 pairs, profiled)."""
+# The CPU flash-attention kernel (torch 2.13, one thread, forward + backward of one SmolLM2 layer, 8 rows, 9 heads
+# of 64) in bf16 against fp32 q, k, v: 0.7x as fast on rows of 128 tokens, 1.2x to 1.5x from 192 on (its query
+# blocks are 32 long below 192 and 64 from there). docs/speed.md has the table.
+BF16_ATTENTION_MIN_LEN = 192
+
+
+def sdpa_cpu_bf16(module, query, key, value, attention_mask, **kwargs):
+    """bf16 training on a CPU: sdpa in bf16 on rows of at least BF16_ATTENTION_MIN_LEN tokens, on fp32 q, k, v
+    below (autocast off, or it casts them back), whichever the CPU kernel runs faster; output in bf16 either way."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if query.shape[2] >= BF16_ATTENTION_MIN_LEN:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                               **kwargs)
@@ -647,8 +655,9 @@ def lr_at(step, total_steps, lr, warmup_ratio, schedule):
 
 
 def make_optimizer(params, lr, weight_decay):
-    params = list(params)  # fused AdamW where the parameters live on a GPU (not under --fsdp_cpu_offload)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].device.type == "cuda")
+    """AdamW, fused: one kernel over all parameters (on one CPU thread 0.15 s a step for SmolLM2's 135M parameters
+    against 0.5 to 0.7 s for the default multi-tensor one)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -395,11 +395,26 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny_llama"])
-def test_bf16_margins_and_logps_are_fp32_within_bf16_rounding(arch, request):
+@pytest.mark.parametrize("bf16_attention_from", [common.BF16_ATTENTION_MIN_LEN, 0])
+def test_bf16_margins_and_logps_are_fp32_within_bf16_rounding(arch, bf16_attention_from, request, monkeypatch):
     """One forward in bf16 autocast gives the reward model's margins and the policy's summed and mean response
     log-probs of fp32 to within bf16's rounding (relative error of the order of 1e-2), with fp32 heads; the
-    numbers are not fp32's own (bf16 really ran), and packed pairs still give each text what it gets alone."""
+    numbers are not fp32's own (bf16 really ran), and packed pairs still give each text what it gets alone.
+    Attention runs in fp32 on these short rows, and in bf16 on every row when the threshold is 0 (as on rows
+    of BF16_ATTENTION_MIN_LEN tokens and more)."""
     from transformers import AutoModel
+    from transformers.integrations import sdpa_attention
+    monkeypatch.setattr(common, "BF16_ATTENTION_MIN_LEN", bf16_attention_from)
+    # the dtype attention computes in, on the bf16 models' forwards under autocast (not their load-time probes):
+    # autocast casts sdpa's inputs to bf16 (Llama's rotary hands it fp32 q, k); sdpa_cpu_bf16 turns it off for fp32
+    attention_dtypes = set()
+    plain, under_autocast = sdpa_attention.sdpa_attention_forward, [False]
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, query, *a, **k: (
+        under_autocast[0] and attention_dtypes.add(torch.bfloat16 if torch.is_autocast_enabled("cpu") else query.dtype),
+        plain(module, query, *a, **k))[1])
+    chosen = common.sdpa_cpu_bf16  # load_model registers the function common names
+    monkeypatch.setattr(common, "sdpa_cpu_bf16", lambda *a, **k: (
+        under_autocast.__setitem__(0, torch.is_autocast_enabled("cpu")), chosen(*a, **k))[1])
     path = request.getfixturevalue(arch)
     tok = common.load_tokenizer(path)
     pairs = [{"chosen": c, "rejected": r} for c, r in zip(CORPUS[:8], CORPUS[8:16]) if c != r]
@@ -409,7 +424,7 @@ def test_bf16_margins_and_logps_are_fp32_within_bf16_rounding(arch, request):
         model = rm_w2s.RewardModel(common.load_model(path, AutoModel, tok, CPU, precision=precision))
         torch.nn.init.normal_(model.head.weight, std=model.head.weight.shape[1] ** -0.5)
         if precision == "bf16":
-            assert model.body.config._attn_implementation == "sdpa_fp32"
+            assert model.body.config._attn_implementation == "sdpa_cpu_bf16"
         encoded = rm_w2s.encode(tok, pairs, 128)
         margins[precision] = torch.tensor(rm_w2s.score_pairs(model, encoded, tok.pad_token_id, 4,
                                                              common.autocast(precision)))
@@ -431,6 +446,27 @@ def test_bf16_margins_and_logps_are_fp32_within_bf16_rounding(arch, request):
         for a, b in ((c32, c16), (r32, r16)):
             assert b.sum == pytest.approx(a.sum, rel=2e-2) and b.mean == pytest.approx(a.mean, rel=2e-2)
             assert b.n_tokens == a.n_tokens
+    assert attention_dtypes == {torch.bfloat16 if bf16_attention_from == 0 else torch.float32}
+
+
+def test_adamw_is_fused_and_steps_as_the_default_one():
+    """make_optimizer's fused AdamW (one kernel, on the CPU too) takes the step torch's default AdamW takes, to
+    float rounding, with weight decay and over several steps."""
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    params = {kind: [torch.nn.Parameter(w.clone()) for w in weights] for kind in ("fused", "default")}
+    optimizers = {"fused": common.make_optimizer(params["fused"], 1e-2, 0.1),
+                  "default": torch.optim.AdamW(params["default"], lr=1e-2, weight_decay=0.1)}
+    assert optimizers["fused"].defaults["fused"] and not optimizers["default"].defaults["fused"]
+    for step in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for kind, optimizer in optimizers.items():
+            for p, g in zip(params[kind], grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b, w in zip(params["fused"], params["default"], weights):
+        assert not torch.equal(a, w)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_fp32_precision_loads_plain_sdpa(tiny_llama):

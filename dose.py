@@ -43,9 +43,17 @@ VARIED = ("alpha", "student_seed", *runs.NO_EFFECT)
 
 
 def read_runs(root):
-    """(folder, config) of each run folder directly under `root`, in name order: each config.json read once."""
-    return [(p, json.loads((p / "config.json").read_text()))
-            for p in sorted(Path(root).iterdir()) if (p / "config.json").is_file()]
+    """(folder, config) of each run folder directly under `root`, in name order: each config.json read once. A
+    config.json that does not read as a run's options is left out with one line, as a sweep leaves it out."""
+    run_list = []
+    for folder in sorted(Path(root).iterdir()):
+        if (folder / "config.json").is_file():
+            config = sweep.read_json(folder / "config.json")
+            if isinstance(config, dict):
+                run_list.append((folder, config))
+            else:
+                print(f"dose.py: left out {folder}: its config.json does not read as a run's options", file=sys.stderr)
+    return run_list
 
 
 def group_pairs(run_list):

@@ -293,7 +293,7 @@ def test_knowledge_space_counts_errors_with_intervals():
     assert ks["ds"] == pytest.approx(3 / 4)
 
 
-def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path):
+def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path, capsys):
     """dose.py: each student against the base run's no-conflict student, per area: gross loss, fixes and the net
     change of the error rate, here on 6 pairs of weak-unknown & strong-known worked by hand."""
     import dose
@@ -327,6 +327,9 @@ def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path):
     dose.main([str(tmp_path)])
     text = (tmp_path / "dose.md").read_text()
     assert "| alpha 0.5 | 6 | 3/4 = 0.750 [" in text and (tmp_path / "dose.png").stat().st_size > 0
+    (tmp_path / "b-churn" / "config.json").write_text('{"alpha": 0.5, "stud')  # cut short: left out, with a line
+    assert list(dose.dose_response(tmp_path)["students"]) == ["alpha 0.5"]
+    assert "left out" in capsys.readouterr().err
 
 
 def test_dose_reads_a_folder_of_several_pairs_pair_by_pair(tmp_path):

@@ -405,16 +405,21 @@ def test_bf16_margins_and_logps_are_fp32_within_bf16_rounding(arch, bf16_attenti
     from transformers import AutoModel
     from transformers.integrations import sdpa_attention
     monkeypatch.setattr(common, "BF16_ATTENTION_MIN_LEN", bf16_attention_from)
-    # the dtype attention computes in, on the bf16 models' forwards under autocast (not their load-time probes):
+    # the dtype attention computes in on the bf16 models' forwards under autocast (not their load-time probes):
     # autocast casts sdpa's inputs to bf16 (Llama's rotary hands it fp32 q, k); sdpa_cpu_bf16 turns it off for fp32
-    attention_dtypes = set()
-    plain, under_autocast = sdpa_attention.sdpa_attention_forward, [False]
-    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda module, query, *a, **k: (
-        under_autocast[0] and attention_dtypes.add(torch.bfloat16 if torch.is_autocast_enabled("cpu") else query.dtype),
-        plain(module, query, *a, **k))[1])
-    chosen = common.sdpa_cpu_bf16  # load_model registers the function common names
-    monkeypatch.setattr(common, "sdpa_cpu_bf16", lambda *a, **k: (
-        under_autocast.__setitem__(0, torch.is_autocast_enabled("cpu")), chosen(*a, **k))[1])
+    attention_dtypes, scoring = set(), [False]
+    chooser, kernel = common.sdpa_cpu_bf16, sdpa_attention.sdpa_attention_forward
+
+    def spy_chooser(*args, **kwargs):  # load_model registers the function common names
+        scoring[0] = torch.is_autocast_enabled("cpu")
+        return chooser(*args, **kwargs)
+
+    def spy_kernel(module, query, *args, **kwargs):
+        if scoring[0]:
+            attention_dtypes.add(torch.bfloat16 if torch.is_autocast_enabled("cpu") else query.dtype)
+        return kernel(module, query, *args, **kwargs)
+    monkeypatch.setattr(common, "sdpa_cpu_bf16", spy_chooser)
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy_kernel)
     path = request.getfixturevalue(arch)
     tok = common.load_tokenizer(path)
     pairs = [{"chosen": c, "rejected": r} for c, r in zip(CORPUS[:8], CORPUS[8:16]) if c != r]

@@ -55,9 +55,9 @@ demo: install
 	$(PY) dpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 1e-3 --epochs 2 --sft_lr 1e-3 $(ARGS)
 	$(PY) simpo_w2s.py $(call toy,$(DEMO_N)) --weak_max_len 14 --lr 3e-3 --epochs 2 --sft_lr 1e-4 $(ARGS)
 	@for m in rm dpo simpo; do echo; cat $(DEMO_DIR)/$$m-toy-*-s$(SEED)-*/report.md; done
-	$(PY) sweep.py --runs $(DEMO_DIR) --out_dir $(DEMO_DIR)/sweep  # every demo run so far: tables and figures
+	$(PY) tools/sweep.py --runs $(DEMO_DIR) --out_dir $(DEMO_DIR)/sweep  # every demo run so far: tables and figures
 
-# Throughput of each method's preference training on one fixed workload (bench.workload): 256 pairs of the
+# Throughput of each method's preference training on one fixed workload (tools/bench.py: workload): 256 pairs of the
 # paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch, in each
 # precision of BENCH_PRECISIONS (bf16 runs where the chip has no native bf16 too: torch emulates it, slowly).
 # BENCH_MODEL=models/smollm2-135m-instruct (or gpt2-xl) times that model instead (micro-batch 4 for large / xl
@@ -78,7 +78,7 @@ bench:
 bench-gpu:
 	$(MAKE) bench BENCH_MODEL=random:gpt2-xl BENCH_PRECISIONS=bf16
 
-# A grid of runs summarised over seeds (sweep.py): sweep.json, sweep.md and figures/ in SWEEP_DIR. The default
+# A grid of runs summarised over seeds (tools/sweep.py): sweep.json, sweep.md and figures/ in SWEEP_DIR. The default
 # grid is `make demo`'s reward-model command with two strong models (with and without pretraining) x 3 seeds,
 # scoring the students every 50 optimizer steps (--eval_every 50) for the figure of deception over training.
 # Each run is the script's own command line, and its stages are cached: a sweep run again reuses finished runs.
@@ -94,7 +94,7 @@ SWEEP_DIR ?= runs/sweep
 JOBS ?= 1
 .PHONY: sweep
 sweep:
-	$(PY) sweep.py --grid "$(GRID)" --args="$(SWEEP_ARGS) $(ARGS)" --out_dir $(SWEEP_DIR) --jobs $(JOBS)
+	$(PY) tools/sweep.py --grid "$(GRID)" --args="$(SWEEP_ARGS) $(ARGS)" --out_dir $(SWEEP_DIR) --jobs $(JOBS)
 
 # The experiment on real pretrained models and the paper's data files (make models first; the Hub is not needed).
 # REAL_DATA / BENCH_DATA: a folder with the paper's harmless_*.jsonl files, from its repository

@@ -288,7 +288,7 @@ def main(argv=None):
     if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
         torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
     if args.bench:
-        import bench
+        from tools import bench
         return bench.bench(sys.modules[__name__], args)
 
     # data splits, the locked run folder, the models (tiny ones built here), the digest of the code that trains

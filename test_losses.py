@@ -12,7 +12,8 @@ import common
 import dpo_w2s
 import rm_w2s
 import simpo_w2s
-from conftest import CPU, PO_TEXTS, causal_lm
+# tests/conftest.py's one torch thread and tiny GPT-2 (pytest finds fixtures where a test file imports them)
+from tests.conftest import CPU, PO_TEXTS, causal_lm, single_thread, tiny, tiny_llama  # noqa: F401
 
 
 # ---- reward model

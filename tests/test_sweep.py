@@ -15,10 +15,10 @@ from unittest import mock
 import pytest
 
 import common
-import sweep
+from tools import sweep
 
 AREAS = common.AREAS
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository
 # a README block of tables copied from a sweep.md, with the command that writes that sweep.md from results/
 README_TABLES = re.compile(r"<!-- tables from `(python sweep\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
 BASE = {"data": "toy", "n_gt": 400, "n_w2s": 400, "n_test": 50, "n_extra": 400, "weak": "tiny:1x32",
@@ -467,7 +467,7 @@ def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
     """Every dose.py folder the README names has a committed dose.md that is what dose.py computes from the
     committed run folders (dose.document, recomputed here), and every table row of a README block naming a dose.py
     command is a row of it."""
-    import dose
+    from tools import dose
     readme = (HERE / "README.md").read_text()
     folders = README_DOSE_COMMAND.findall(readme)
     assert folders, "the README names the dose-response it shows"
@@ -491,7 +491,7 @@ def test_readme_calibration_rows_are_what_calibrate_computes_from_the_committed_
     """Every table row of a README block that names `calibrate.py --summarize FOLDER` is a row of the table that
     command computes from the committed stages (calibrate.summary, recomputed here), and the committed
     calibration.md is that text."""
-    import calibrate
+    from tools import calibrate
     blocks = README_CALIBRATION.findall((HERE / "README.md").read_text())
     assert blocks, "the README's real-model section names its calibration command"
     for command, block in blocks:

@@ -10,10 +10,13 @@ docs/speed.md holds the measured numbers. Nothing here runs at import time.
 import dataclasses
 import random
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and the method scripts: one folder up
 
 import common
 import runs

@@ -19,14 +19,14 @@ import rm_w2s
 import toy
 from test_e2e import data_dir  # noqa: F401 (the fixture: the shared data, or synthetic pairs where it is absent)
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository
 SMALL = ["--n_gt", "16", "--n_w2s", "16", "--n_test", "16", "--weak", "tiny:1x32", "--strong", "tiny:1x32",
          "--batch_size", "6", "--micro_batch", "2", "--settings", "none,explicit",  # 3 micro-batches a step: uneven
          "--precision", "fp32"]  # compared with one process to float rounding: bf16 would round the differences up
 
 
 def launch(args, nproc=None, timeout=300):
-    """Run a script of this folder in one process (nproc None) or under torchrun; returns the CompletedProcess."""
+    """Run a script (a path from the repository) in one process (nproc None) or under torchrun; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     prefix = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -82,7 +82,7 @@ def test_one_step_gradient_on_two_ranks_equals_one_process(method, data_dir, tmp
     texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
     model = toy.build_tiny("tiny:2x32", texts, tmp_path / "models", seed=0)
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    worker = [Path(__file__).name, "grad", method, model, tmp_path / "pairs.json"]
+    worker = [Path(__file__), "grad", method, model, tmp_path / "pairs.json"]
     one = launch(worker + [tmp_path / "one.pt"])
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch(worker + [tmp_path / "two.pt"], nproc=2)
@@ -100,7 +100,7 @@ def test_a_failing_rank_ends_the_run_and_leaves_no_stage(data_dir, tmp_path):
     """Rank 1 fails while the weak ceiling trains: torchrun ends every rank, the error is shown, the stage
     leaves no stage.json and the run no results."""
     out = tmp_path / "out"
-    two = launch([Path(__file__).name, "fail", "--data", data_dir, *SMALL, "--out_dir", out], nproc=2)
+    two = launch([Path(__file__), "fail", "--data", data_dir, *SMALL, "--out_dir", out], nproc=2)
     assert two.returncode != 0
     assert "injected failure on rank 1" in two.stderr
     root = run_folder(out)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import bench
+from tools import bench
 import common
 import rm_w2s
 import runs
@@ -26,7 +26,7 @@ import toy
 from conftest import CORPUS, CPU, PO_TEXTS, causal_lm, encoded_examples, reward_model, rewards_of
 
 
-SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def data_source(kind):

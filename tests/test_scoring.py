@@ -296,7 +296,7 @@ def test_knowledge_space_counts_errors_with_intervals():
 def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path, capsys):
     """dose.py: each student against the base run's no-conflict student, per area: gross loss, fixes and the net
     change of the error rate, here on 6 pairs of weak-unknown & strong-known worked by hand."""
-    import dose
+    from tools import dose
 
     def write_run(name, config, stages):
         folder = tmp_path / name
@@ -336,7 +336,7 @@ def test_dose_reads_a_folder_of_several_pairs_pair_by_pair(tmp_path):
     """dose.py on a folder of several weak/strong pairs (a ladder, seeds): each pair's runs are read together (they
     differ only in alpha and --student_seed), one section and one figure per pair; a pair without a finished
     no-conflict student is named, not read."""
-    import dose
+    from tools import dose
 
     def write_run(name, config, stages):
         folder = tmp_path / name

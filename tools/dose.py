@@ -15,17 +15,19 @@ weak-unknown & strong-known well beyond the churn, at a small alpha, while the c
 A directory holding several pairs (other weak or strong models, seeds, an intermediate model) is read pair by
 pair: each pair's runs are those whose options differ only in alpha, --student_seed and what changes no number.
 
-  python dose.py results/dose-first8-first16     # writes dose.md, dose.json and dose.png there
-  python dose.py results/ladder                  # one section and one dose-K.png per pair
+  python tools/dose.py results/dose-first8-first16     # writes dose.md, dose.json and dose.png there
+  python tools/dose.py results/ladder                  # one section and one dose-K.png per pair
 """
 import json
 import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and the method scripts: one folder up
+
 import common
 import runs
-import sweep
+from tools import sweep
 
 AREAS = common.AREAS
 
@@ -200,7 +202,7 @@ def document(root):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python dose.py RESULTS_FOLDER")
+        raise SystemExit("usage: python tools/dose.py RESULTS_FOLDER")
     root = Path(argv[0])
     body, results, figures = document(root)
     runs.write_json(root / "dose.json", results)
@@ -209,7 +211,7 @@ def main(argv=None):
             old.unlink()
     for name, result in figures.items():
         draw(result, root / name)
-    text = f"`python dose.py {root}`\n\n" + body
+    text = f"`python tools/dose.py {root}`\n\n" + body
     runs.write_atomic(root / "dose.md", text)
     print(text)
 

@@ -6,17 +6,21 @@ it (measured); results agree up to float rounding.
 
 Models: tiny random-init GPT-2 / Llama / OPT / GPT-NeoX bodies with a BPE tokenizer trained on a few sentences
 (CORPUS), built locally and saved like Hub models (fixtures tiny, tiny_llama, tiny_opt, tiny_neox); the helpers
-below load them as the scripts do. Test files import the helpers and constants (`from conftest import ...`).
+below load them as the scripts do. Test files import the helpers and constants (`from conftest import ...`; the
+top-level test_losses.py: `from tests.conftest import ...`).
 """
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import common
-import rm_w2s
-import toy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method scripts, common.py and tools/: one folder up
+import common  # noqa: E402
+import rm_w2s  # noqa: E402
+import toy  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -283,7 +283,7 @@ def test_a_disk_that_fills_up_while_training_is_one_line(tmp_path):
         builtins.open = lambda f, *a, **k: FullDisk() if str(f).endswith("metrics.jsonl") else real_open(f, *a, **k)
         rm_w2s.main({argv!r})
     """
-    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == (f"error: No space left on device while writing a file under --out_dir "
@@ -337,7 +337,7 @@ def test_code_digest_ignores_the_measures_and_nothing_else(tmp_path):
 def run_script(args, cwd):
     """Run rm_w2s.py as a user would; returns (exit status, stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "rm_w2s.py"), *map(str, args)],
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "rm_w2s.py"), *map(str, args)],
                        cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     return p.returncode, p.stdout, p.stderr
 

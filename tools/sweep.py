@@ -14,9 +14,9 @@ options that change no numbers) and summarised over seeds, in `--out_dir`:
 
 Run:
   make sweep       (the demo's reward-model command: 2 strong models x 3 seeds on the toy testbed)
-  python sweep.py --grid "method=rm weak=tiny:1x32 strong=tiny:2x64,tiny:2x64+pt600 seeds=0,1,2" \\
+  python tools/sweep.py --grid "method=rm weak=tiny:1x32 strong=tiny:2x64,tiny:2x64+pt600 seeds=0,1,2" \\
                   --args="--data toy --n_gt 4000 --n_w2s 4000 --n_test 4000 --n_extra 4000 ..." --out_dir runs/sweep
-  python sweep.py --runs runs/demo runs/sweep --out_dir runs/summary      (aggregate finished runs, no training)
+  python tools/sweep.py --runs runs/demo runs/sweep --out_dir runs/summary      (aggregate finished runs, no training)
 """
 import argparse
 import dataclasses
@@ -36,6 +36,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and the method scripts: one folder up
+
 import common
 from runs import NO_EFFECT, check_out_dir, fmt, parse_args, rate, read_stage, slug, write_atomic, write_json
 
@@ -53,7 +55,7 @@ STD = "sample standard deviation over seeds (n - 1 in the denominator); 0 for a 
 NULLS = ("Null values (PGR when the strong ceiling does not beat the weak one, DS when its area is empty, a "
          "setting a run did not train) are left out of mean and std, never read as 0; n_none counts them")
 ABSENT = "(absent)"  # an option an older run's config.json does not have
-HERE = Path(__file__).resolve().parent  # the method scripts sit beside this file
+HERE = Path(__file__).resolve().parents[1]  # the method scripts sit one folder up
 
 
 def parse_cli(argv):
@@ -792,7 +794,7 @@ def main(argv=None):
     else:
         runs, left_out = scan(cli.runs)
     sweep = {**summarize(runs, left_out), "ceilings": ceilings(cli.runs or [cli.out_dir])}
-    command = "python sweep.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python tools/sweep.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     write_outputs(sweep, cli.out_dir, command)
     print(results_section(sweep["configurations"]))
     out = Path(cli.out_dir)

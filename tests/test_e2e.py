@@ -26,7 +26,7 @@ import runs
 import simpo_w2s
 import toy
 
-SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 N_GT = N_W2S = N_TEST = 48
 N_EXTRA = 24
 STAGES = ("weak", "strong", "student-none", "student-implicit", "student-explicit")
@@ -543,7 +543,7 @@ def test_reduced_make_demo(tmp_path):
     out = subprocess.run(["make", "demo", f"PY={sys.executable}", "DEMO_N=96", "DEMO_N_RM=96", "DEMO_STRONG=tiny:2x64+pt20",
                           f"DEMO_DIR={tmp_path}", "ARGS=--batch_size 16 --micro_batch 8"],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).resolve().parent)
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     tail = out.stdout[out.stdout.index("# Reward modeling"):]
     assert tail.index("# Reward modeling") < tail.index("# DPO") < tail.index("# SimPO")
@@ -583,7 +583,7 @@ def test_bench_model_random_builds_a_published_shape(data_dir, tmp_path, monkeyp
     """--bench_model random:NAME (make bench-gpu: random:gpt2-xl) builds a GPT-2 of that shape with random weights
     and the GPT-2 vocabulary, and benches it like any model; an unknown name is one line. A small shape stands in
     for gpt2-xl's 1.5B parameters here."""
-    import bench
+    from tools import bench
     monkeypatch.setitem(bench.GPT2_SHAPES, "gpt2-test", (2, 64, 4))
     row = rm_w2s.main(["--bench", "--data", str(data_dir), "--out_dir", str(tmp_path), "--bench_model",
                        "random:gpt2-test", "--precision", "fp32"])
@@ -597,7 +597,7 @@ def test_bench_model_random_builds_a_published_shape(data_dir, tmp_path, monkeyp
 def test_bench_model_takes_the_first_k_spelling(data_dir, tmp_path):
     """--bench_model NAME:firstK is the model cut to its first K layers (converted once under <out_dir>/models),
     as for --weak and --strong; a plain path is timed as it is."""
-    import bench
+    from tools import bench
     from transformers import AutoConfig
     texts = ["\n\nHuman: hi\n\nAssistant: hello there", "\n\nHuman: bye\n\nAssistant: goodbye"]
     tiny = toy.build_tiny("tiny:2x32", texts, tmp_path / "models", seed=0)
@@ -727,7 +727,8 @@ def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_leaves_no_loc
     lock.close()
     code = ("import sys, os, signal, rm_w2s, runs; a = rm_w2s.Args(data=sys.argv[1], out_dir=sys.argv[2], "
             "weak='tiny:1x32', strong='tiny:1x32'); runs.open_run(a, 'rm'); os.kill(os.getpid(), signal.SIGKILL)")
-    done = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path)], cwd=Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == -9
     root, lock = runs.open_run(args, "rm")  # the dead process's lock is gone with it
     lock.close()
@@ -803,7 +804,7 @@ def test_each_experiment_runs_from_a_copy_of_its_three_files(script, data_dir, t
     folder = tmp_path / "copy"
     folder.mkdir()
     for name in files:
-        shutil.copy(Path(__file__).resolve().parent / name, folder / name)
+        shutil.copy(Path(__file__).resolve().parents[1] / name, folder / name)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, script, "--data", str(data_dir), "--weak", tiny, "--strong", tiny_llama,
@@ -865,7 +866,7 @@ def test_precision_is_in_the_config_the_report_and_every_stage_key(data_dir, tmp
 # ---- calibrate.py: a ceiling's learning rate chosen on a validation split the test split never sees
 
 def test_calibration_trains_on_gt_scores_a_held_out_part_and_summarizes_its_files(data_dir, tmp_path, monkeypatch):
-    import calibrate
+    from tools import calibrate
     monkeypatch.setattr(calibrate, "N_TRAIN", 16)
     monkeypatch.setattr(calibrate, "N_VAL", 8)
     monkeypatch.chdir(tmp_path)  # its validation files go to runs/calibration-data, under the working folder

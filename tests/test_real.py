@@ -32,9 +32,9 @@ import rm_w2s
 import toy
 
 CPU = torch.device("cpu")
-MODELS = Path(__file__).resolve().parent / "models"
+MODELS = Path(__file__).resolve().parents[1] / "models"
 SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma-3-270m"  # the folders `make models` writes in MODELS
-SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def converted(name):

@@ -5,8 +5,8 @@ and scored on the file's last 500 (the validation split); the w2s split is label
 (the stage wants some). The validation margins say how well the ceiling ranks and how informative its labels
 would be: p = sigmoid(margin), mean |p - 0.5| and the share of p further than 0.1 from 0.5.
 
-  OMP_NUM_THREADS=1 python calibrate.py --weak models/smollm2-135m-instruct:first8 --lr 1e-4   # one stage
-  python calibrate.py --summarize results/calibration                                          # the table
+  OMP_NUM_THREADS=1 python tools/calibrate.py --weak models/smollm2-135m-instruct:first8 --lr 1e-4   # one stage
+  python tools/calibrate.py --summarize results/calibration                                          # the table
 
 Every other option is rm_w2s.py's. Nothing here runs at import time.
 """
@@ -14,6 +14,8 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and the method scripts: one folder up
 
 import common
 import rm_w2s
@@ -70,7 +72,7 @@ def summary(folder):
         config = json.loads((stage_json.parent.parent / "config.json").read_text())
         m = informativeness([row["margin"] for row in common.read_jsonl(stage_json.parent / "predictions.jsonl")])
         rows.append((config["weak"], config["lr"], m, stage.get("seconds")))
-    lines = [f"`python calibrate.py --summarize {folder}`: reward-model ceilings trained on {N_TRAIN} gt pairs "
+    lines = [f"`python tools/calibrate.py --summarize {folder}`: reward-model ceilings trained on {N_TRAIN} gt pairs "
              f"(one epoch), scored on the gt file's last {N_VAL} (validation); p = sigmoid(margin).", "",
              "| model | lr | validation accuracy [95% CI] | mean \\|margin\\| | mean \\|p − 0.5\\| | share of p beyond 0.1 "
              "| wall time |", "|---|---|---|---|---|---|---|"]

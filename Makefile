@@ -7,7 +7,7 @@ ARGS ?=
 # gpt2-xl fits one 80 GB GPU, 8 otherwise.
 micro = $(if $(filter %large %xl %-1.3b %-2.7b %-6.7b,$(1)),4,8)
 MICRO ?= $(call micro,$(STRONG))
-# NPROC=N: the same script under torchrun, N processes (one GPU each), sharded with FSDP (README "Several GPUs").
+# NPROC=N: the same script under torchrun, N processes (one GPU each), sharded with FSDP (docs/several-gpus.md).
 NPROC ?=
 RUN = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 
@@ -34,7 +34,7 @@ dpo:
 simpo:
 	$(RUN) simpo_w2s.py --strong $(STRONG) --weak $(WEAK) --micro_batch $(MICRO) $(ARGS)
 
-# The offline toy testbed (README "make demo"): tiny models built locally, data generated from the seed.
+# The offline toy testbed (README "Quick start"; docs/toy.md): tiny models built locally, data generated from the seed.
 # The weak model reads only the last 8 words of each request (13 tokens for the reward model, 14 for
 # DPO/SimPO, which append an EOS); the strong one reads everything and was pretrained on what the cue words mean.
 SEED ?= 0
@@ -59,13 +59,15 @@ demo: install
 
 # Throughput of each method's preference training on one fixed workload (tools/bench.py: workload): 256 pairs of the
 # paper's gt file, a 4-layer GPT-2 of width 256, max length 512, batch 32, micro-batch 8, one epoch, in each
-# precision of BENCH_PRECISIONS (bf16 runs where the chip has no native bf16 too: torch emulates it, slowly).
+# precision of BENCH_PRECISIONS: fp32, and bf16 where this chip computes it natively (what --precision auto picks;
+# elsewhere torch emulates bf16, many times slower, so it is timed only when asked: BENCH_PRECISIONS="fp32 bf16").
 # BENCH_MODEL=models/smollm2-135m-instruct (or gpt2-xl) times that model instead (micro-batch 4 for large / xl
 # models, as above; BENCH_MICRO overrides it).
 BENCH_DATA ?= ../shared/data/hh-single-turn
 BENCH_MODEL ?=
 BENCH_METHODS ?= rm dpo simpo
-BENCH_PRECISIONS ?= fp32 bf16
+auto_precision = $(shell $(PY) -c "import common; print(common.resolve_precision('auto'))")
+BENCH_PRECISIONS ?= fp32 $(filter bf16,$(auto_precision))
 BENCH_MICRO ?= $(call micro,$(BENCH_MODEL))
 bench:
 	@for m in $(BENCH_METHODS); do for p in $(BENCH_PRECISIONS); do $(PY) $${m}_w2s.py --bench --data $(BENCH_DATA) \

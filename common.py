@@ -136,13 +136,27 @@ def read_pairs(path):
 
 
 def load_hub_hh(data_dir):
+    """Anthropic/hh-rlhf's `data_dir` part, or one line saying why not (offline and not cached, no network) and how
+    to give local files instead: the datasets library's own error is a traceback about the Hub."""
     from datasets import load_dataset
-    return list(load_dataset("Anthropic/hh-rlhf", data_dir=data_dir, split="train"))
+    try:
+        return list(load_dataset("Anthropic/hh-rlhf", data_dir=data_dir, split="train"))
+    except OSError as e:  # ConnectionError (offline, no network), FileNotFoundError (not on the Hub)
+        raise SystemExit(f"error: the Hub dataset Anthropic/hh-rlhf ({data_dir}) could not be loaded "
+                         f"({str(e).strip()[:200]}); offline (HF_HUB_OFFLINE=1) it must be in the datasets cache, or "
+                         "give --data a folder with the paper's harmless_*.jsonl files (and --helpful a jsonl of "
+                         "helpfulness pairs for the implicit setting), or --data toy")
 
 
 def load_hub_cai():
+    """HuggingFaceH4/cai-conversation-harmless as HH texts, or one line saying why not (as load_hub_hh)."""
     from datasets import load_dataset
-    rows = load_dataset("HuggingFaceH4/cai-conversation-harmless", split="train_prefs")
+    try:
+        rows = load_dataset("HuggingFaceH4/cai-conversation-harmless", split="train_prefs")
+    except OSError as e:
+        raise SystemExit(f"error: the Hub dataset HuggingFaceH4/cai-conversation-harmless could not be loaded "
+                         f"({str(e).strip()[:200]}); offline (HF_HUB_OFFLINE=1) it must be in the datasets cache, or "
+                         "give --data a folder with the paper's harmless_*.jsonl files, or --data toy")
     return [{"chosen": messages_to_text(r["chosen"]), "rejected": messages_to_text(r["rejected"])} for r in rows]
 
 
@@ -156,6 +170,11 @@ def load_splits(args):
     if args.data == "toy":
         import toy
         pools = toy.make_toy_pairs(n, args.n_extra, args.seed)
+    elif args.data in ("arith", "arith:val"):  # arith:val tests on the validation split (arith.py)
+        import arith
+        if "implicit" in args.settings.split(","):
+            raise SystemExit(arith.NO_IMPLICIT)
+        pools = arith.make_arith_pairs(n, args.seed, validation=args.data == "arith:val")
     elif args.data in ("hh", "cai"):
         rows = load_hub_hh("harmless-base") if args.data == "hh" else load_hub_cai()
         pool, stats["dropped"]["source"] = filter_single_turn(rows)
@@ -166,7 +185,7 @@ def load_splits(args):
                   (("gt", "train_gt"), ("w2s", "train_w2s"), ("test", "test"))}
         pools = {s: read_pairs(path) for s, path in source.items()}
     else:
-        raise SystemExit(f"error: --data must be hh, cai, toy or a directory, got {args.data!r}")
+        raise SystemExit(f"error: --data must be hh, cai, toy, arith, arith:val or a directory, got {args.data!r}")
 
     seen, splits = set(), {}
 
@@ -259,6 +278,8 @@ def load_model(path, auto_class, tok, device, grad_ckpt=False, pack=False, preci
     every dropout probability 0 (not model.eval(), which silently turns gradient checkpointing off), its body
     compiled where `compile` (use_compile) says so."""
     from transformers import AutoConfig
+    if torch.cuda.is_available():  # cuDNN's attention plans anew for every sequence length, which makes a step
+        torch.backends.cuda.enable_cudnn_sdp(False)  # CPU-bound (https://github.com/pytorch/pytorch/pull/155958)
     if os.path.isdir(path):
         check_weights(path)
     config = AutoConfig.from_pretrained(path)
@@ -358,9 +379,8 @@ class FP32Head(nn.Module):
             return self.projection(hidden.float())
 
 
-# The CPU flash-attention kernel (torch 2.13, one thread, forward + backward of one SmolLM2 layer, 8 rows, 9 heads
-# of 64) in bf16 against fp32 q, k, v: 0.7x as fast on rows of 128 tokens, 1.2x to 1.5x from 192 on (its query
-# blocks are 32 long below 192 and 64 from there). docs/speed.md has the table.
+# The CPU flash-attention kernel runs bf16 slower than fp32 q, k, v on short rows and faster from 192 tokens on (its
+# query blocks are 32 long below 192 and 64 from there): measured in docs/speed.md, "The CPU-speed issue, second pass".
 BF16_ATTENTION_MIN_LEN = 192
 
 
@@ -615,13 +635,11 @@ def forward_logps(model, texts, pad_id, pack=False):
     return response_logps(model, collate(texts, pad_id, device(), pack))
 
 
-def sft_loss(model, pad_id):
-    """DPO's and SimPO's SFT warm start: the summed NLL of the chosen responses' tokens (the loop divides by the
-    step's response tokens: a mean token NLL)."""
-    def batch_loss(batch):
-        summed = forward_logps(model, [e["chosen"] for e in batch], pad_id).sum  # (B,)
-        return -summed.sum(), {}
-    return batch_loss
+def sft_loss(model, batch, pad_id):
+    """DPO's and SimPO's SFT warm start: the summed NLL of the chosen responses' tokens in `batch` (the loop divides
+    by the step's response tokens: a mean token NLL), and no metrics."""
+    summed = forward_logps(model, [e["chosen"] for e in batch], pad_id).sum  # (B,)
+    return -summed.sum(), {}
 
 
 def response_tokens(example):  # the SFT loss's unit count of an example
@@ -642,6 +660,16 @@ def pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast):
 # ----------------------------------------------------------------------------------------------------
 # optimization
 
+class EvalCurve(namedtuple("EvalCurve", "pairs weak_correct strong_correct")):
+    """--eval_every: the encoded test pairs a student is scored on while it trains, and whether each ceiling gets
+    each of them right, which places the pair in its knowledge area (curve_row)."""
+
+
+def append_jsonl(path, row):  # one line added to a file that grows while a stage runs (a student's eval curve)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def lr_at(step, total_steps, lr, warmup_ratio, schedule):
     """The learning rate of step `step` (from 0) as the paper's code computes it: linear warm-up lr * (step + 1) /
     (w + 1) over w = int(warmup_ratio * total_steps) steps, then constant or a cosine decay to 0."""
@@ -655,8 +683,8 @@ def lr_at(step, total_steps, lr, warmup_ratio, schedule):
 
 
 def make_optimizer(params, lr, weight_decay):
-    """AdamW, fused: one kernel over all parameters (on one CPU thread 0.15 s a step for SmolLM2's 135M parameters
-    against 0.5 to 0.7 s for the default multi-tensor one)."""
+    """AdamW, fused: one kernel over all parameters, several times faster on a CPU than the default multi-tensor
+    one (docs/speed.md)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
@@ -844,6 +872,14 @@ def knowledge_space(weak_correct, strong_correct, student_correct):
         n, errors = int(mask.sum()), int((~st & mask).sum())
         areas[name] = {"n": n, "errors": errors, "student_error": errors / n if n else None, "ci": wilson(errors, n)}
     return {"areas": areas, "ds": areas[WU_SK]["student_error"], "err_wk_sk": areas[WK_SK]["student_error"]}
+
+
+def curve_row(step, examples_seen, margins, weak_correct, strong_correct):
+    """One line of a student's eval_curve.jsonl (--eval_every): its test accuracy from `margins` after `step` optimizer
+    steps, its DS and its error rate in each knowledge area of the ceilings."""
+    space = knowledge_space(weak_correct, strong_correct, [m > 0 for m in margins])
+    return {"step": step, "examples_seen": examples_seen, **accuracy(margins), "ds": space["ds"],
+            "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
 
 
 def conflict_tax(weak_correct, strong_correct, base_correct, student_correct):

@@ -39,7 +39,7 @@ METHOD = "dpo"  # the run folder's first word
 @dataclass
 class Args:
     # data
-    data: str = "hh"  # hh | cai | toy | a directory with the paper's harmless_*.jsonl files
+    data: str = "hh"  # hh | cai | toy | arith | arith:val (its validation split as test) | a folder of harmless_*.jsonl
     n_gt: int = 4000  # ground-truth pairs: train the weak and strong ceilings
     n_w2s: int = 4000  # weak-to-strong pairs: labelled by the weak ceiling, train the students
     n_test: int = 4000  # test pairs: accuracy and the knowledge-space analysis
@@ -136,73 +136,79 @@ def margins_of(model, encoded_pairs, pad_id, micro_batch, autocast):
     return [c.sum - r.sum for c, r in common.pair_logps(model, encoded_pairs, pad_id, micro_batch, autocast)]
 
 
-def preference_loss(model, pad_id, args, alpha):
-    """batch_loss for train(): the policy's summed response log-probs of each pair's chosen and rejected texts
-    in one forward, against the reference's, plus alpha * the explicit-conflict term. Examples hold "chosen",
-    "rejected" (encoded, the labeller's preferred response as chosen), "gt_agree" (whether that is the
-    ground truth's), "ref_chosen" and "ref_rejected" (the reference's summed log-probs)."""
+def preference_loss(model, batch, pad_id, args, alpha):
+    """DPO on the policy's summed response log-probs of each pair's chosen and rejected texts, in one forward,
+    against the reference's, plus alpha * the explicit-conflict term. `batch`: examples holding "chosen",
+    "rejected" (encoded, the labeller's preferred response as chosen), "gt_agree" (whether that is the ground
+    truth's), "ref_chosen" and "ref_rejected" (the reference's summed log-probs). Returns (the loss summed over
+    the pairs, {metric: its sum over the pairs})."""
     beta = args.beta
-
-    def batch_loss(batch):
-        texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
-        logps = common.forward_logps(model, texts, pad_id, args.pack).sum  # (2B,) summed: DPO's log π(y | x)
-        pi_c, pi_r = logps[0::2], logps[1::2]  # chosen, rejected, chosen, ... in one forward
-        ref_c = torch.tensor([e["ref_chosen"] for e in batch], device=logps.device)  # (B,)
-        ref_r = torch.tensor([e["ref_rejected"] for e in batch], device=logps.device)  # (B,)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
-        if alpha:
-            gt_agree = torch.tensor([e["gt_agree"] for e in batch], device=logps.device)
-            losses = losses + alpha * dpo_conflict_loss(pi_c, pi_r, ref_c, ref_r, gt_agree, beta)
-        return losses.sum(), {
-            "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": pi_c.detach().sum(), "logps/rejected": pi_r.detach().sum()}
-    return batch_loss
-
-
-def one_per_pair(example):
-    """DPO's loss unit: the pair (SFT's: common.response_tokens)."""
-    return 1
+    texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
+    logps = common.forward_logps(model, texts, pad_id, args.pack).sum  # (2B,) summed: DPO's log π(y | x)
+    pi_c, pi_r = logps[0::2], logps[1::2]  # chosen, rejected, chosen, ... in one forward
+    ref_c = torch.tensor([e["ref_chosen"] for e in batch], device=logps.device)  # (B,)
+    ref_r = torch.tensor([e["ref_rejected"] for e in batch], device=logps.device)  # (B,)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    if alpha:
+        gt_agree = torch.tensor([e["gt_agree"] for e in batch], device=logps.device)
+        losses = losses + alpha * dpo_conflict_loss(pi_c, pi_r, ref_c, ref_r, gt_agree, beta)
+    return losses.sum(), {
+        "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": pi_c.detach().sum(), "logps/rejected": pi_r.detach().sum()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # training loop
 
-def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
-    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
-    for `epochs` with args.schedule: one loop for the SFT warm start and for DPO. `units(example)` is the
-    loss's unit count (1 per pair for DPO, response tokens for SFT). Writes one metrics
-    line per optimizer step to log_path; calls evaluate(step, examples_seen) every args.eval_every steps and at
-    the last one, if given. Returns the steps."""
+def train(model, examples, *, sft=False, pad_id, alpha, args, log_dir, curve=None):
+    """Optimise over `examples` with args.schedule: one loop for both objectives. sft: the SFT warm start, the
+    chosen responses' NLL per token at args.sft_lr (0: args.lr) for args.sft_epochs, into log_dir/sft_metrics.jsonl;
+    else DPO, preference_loss (alpha: the explicit term's weight) per pair at args.lr for args.epochs, into
+    log_dir/metrics.jsonl (one line per optimizer step). curve (--eval_every, a student): common.EvalCurve, whose
+    test pairs are scored every args.eval_every steps and at the last one into log_dir/eval_curve.jsonl. Returns the
+    steps."""
+    if sft:
+        lr, epochs, desc, log_path = args.sft_lr or args.lr, args.sft_epochs, f"{log_dir.name} sft", "sft_metrics.jsonl"
+    else:
+        lr, epochs, desc, log_path = args.lr, args.epochs, f"{log_dir.name} dpo", "metrics.jsonl"
+    autocast = common.autocast(args.precision)
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
     optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
     ddp, master = common.world_size() > 1, common.rank() == 0  # torchrun: rank 0 alone logs
-    log = open(log_path if master else os.devnull, "w")
+    log = open(log_dir / log_path if master else os.devnull, "w")
     bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=not master)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
         step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, args.schedule)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
         n_pairs = sum(len(mb) for mb in micro_batches)
+        # the loss's unit: a response token for SFT (a mean token NLL), a pair for DPO
+        n_units = sum(common.response_tokens(examples[i]) for mb in micro_batches for i in mb) if sft else n_pairs
         if ddp:  # this rank's share of the micro-batches, each at gradient scale N (common.rank_share)
             micro_batches = common.rank_share(micro_batches)
         else:
             micro_batches = [(mb, 1.0) for mb in micro_batches]
         sums = {}  # the loss and each metric, summed over the micro-batches
         for mb, grad_scale in micro_batches:
+            batch = [examples[i] for i in mb]
             with autocast():
-                loss, metrics = batch_loss([examples[i] for i in mb])
+                if sft:
+                    loss, metrics = common.sft_loss(model, batch, pad_id)
+                else:
+                    loss, metrics = preference_loss(model, batch, pad_id, args, alpha)
             # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
             # micro-batch then weighs what its pairs (or tokens) weigh
             (grad_scale * loss / n_units).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0) + (grad_scale > 0) * v
+                if grad_scale == 0:  # a rank's stand-in micro-batch (common.rank_share): it counts for nothing, but
+                    v = torch.zeros_like(v)  # every rank must sum the same metrics
+                sums[k] = sums.get(k, 0) + v
         totals = torch.stack(list(sums.values()))
         if ddp:
             common.sum_over_ranks(totals)  # the whole step's sums, in one sync
@@ -222,8 +228,12 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
             log.flush()
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
-        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
-            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
+        if curve and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
+            margins = margins_of(model, curve.pairs, pad_id, args.micro_batch, autocast)  # no_grad: training unchanged
+            if master:
+                common.append_jsonl(log_dir / "eval_curve.jsonl", common.curve_row(step + 1, examples_seen, margins,
+                                                                                   curve.weak_correct,
+                                                                                   curve.strong_correct))
     log.close()
     return steps
 
@@ -231,26 +241,26 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
 # ----------------------------------------------------------------------------------------------------
 # one stage: SFT, then DPO a fresh policy, then predict
 
-def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha, log_path, desc, evaluate=None):
+def train_preferences(model, encoded, targets, *, pad_id, args, alpha, log_dir, curve=None):
     """DPO on encoded pairs in ground-truth orientation, each turned so that chosen is the response its labeller
     prefers (hard labels: targets > 0.5). The reference is the model as it is now (the SFT model), frozen: its
     log-probs are computed once here, before DPO changes the weights, so no second model sits in memory while
     training, and its dropout can never be on. Returns (examples, steps)."""
     oriented, gt_agree = common.orient(encoded, targets)
     model.eval()
-    ref = common.pair_logps(model, oriented, pad_id, args.micro_batch, autocast)
+    ref = common.pair_logps(model, oriented, pad_id, args.micro_batch, common.autocast(args.precision))
     examples = [{"chosen": c, "rejected": r, "gt_agree": agree, "ref_chosen": ref_c.sum, "ref_rejected": ref_r.sum}
                 for (c, r), (ref_c, ref_r), agree in zip(oriented, ref, gt_agree)]
-    steps = train(model, examples, preference_loss(model, pad_id, args, alpha), units=one_per_pair, lr=args.lr,
-                  epochs=args.epochs, args=args, log_path=log_path, autocast=autocast, desc=desc, evaluate=evaluate)
+    steps = train(model, examples, pad_id=pad_id, alpha=alpha, args=args, log_dir=log_dir, curve=curve)
     return examples, steps
 
 
 def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs, label_pairs=None, *, args,
-                      alpha=0.0, evaluate=None):
+                      alpha=0.0, known=None):
     """SFT then DPO a fresh policy from `model_path` on ground-truth-oriented `pairs` with `targets` (its training
-    curves into stage_dir), then score `test_pairs` and, if given, label `label_pairs`. evaluate(step,
-    examples_seen, test margins), if given, is called during training. Returns (summary, {file: rows})."""
+    curves into stage_dir), then score `test_pairs` and, if given, label `label_pairs`. known (--eval_every): the
+    ceilings' (weak, strong) correctness per test pair, for the student's eval curve. Returns (summary, {file:
+    rows})."""
     common.seed_everything(args.seed)
     device, autocast = common.device(), common.autocast(args.precision)
     model, tok = load(model_path, args, device)
@@ -259,20 +269,13 @@ def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs
     max_len = min(max_len, common.model_max_len(model.config) or max_len)
     pad = tok.pad_token_id
     encoded, test_encoded = encode(tok, pairs, max_len), encode(tok, test_pairs, max_len)
-
     if args.sft_epochs:  # SFT on the responses its labeller prefers
         preferred = [{"chosen": c} for c, _ in common.orient(encoded, targets)[0]]
-        train(model, preferred, common.sft_loss(model, pad), units=common.response_tokens, lr=args.sft_lr or args.lr,
-              epochs=args.sft_epochs, args=args, log_path=stage_dir / "sft_metrics.jsonl", autocast=autocast,
-              desc=f"{stage_dir.name} sft")
+        train(model, preferred, sft=True, pad_id=pad, alpha=0.0, args=args, log_dir=stage_dir)
     model.eval()
     ref_test = common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)  # the reference, as below
-
-    def test_margins():
-        return margins_of(model, test_encoded, pad, args.micro_batch, autocast)
-    train_preferences(model, encoded, targets, pad_id=pad, args=args, autocast=autocast, alpha=alpha,
-                      log_path=stage_dir / "metrics.jsonl", desc=f"{stage_dir.name} dpo",
-                      evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
+    curve = common.EvalCurve(test_encoded, *known) if known else None
+    train_preferences(model, encoded, targets, pad_id=pad, args=args, alpha=alpha, log_dir=stage_dir, curve=curve)
     model.eval()
     policy_test = common.pair_logps(model, test_encoded, pad, args.micro_batch, autocast)
     margins = [c.sum - r.sum for c, r in policy_test]
@@ -294,58 +297,55 @@ def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs
     return summary, outputs
 
 
+def stage(run, name, pairs, targets, label_pairs=None, *, max_len=None, alpha=0.0):
+    """The stage `name` (weak, strong, intermediate, student-SETTING) under a visible cache guard: the summary of
+    a finished stage that read exactly this (runs.plan_stage: its key), or else its model trained on `pairs` with
+    `targets` now, scored on the test split (labelling `label_pairs`, if given) and saved."""
+    plan = runs.plan_stage(run, name, pairs, targets, label_pairs, max_len=max_len, alpha=alpha)
+    return runs.load_stage(run, name, plan.key) or runs.save_stage(run, name, plan.key, *train_and_predict(
+        run.root / name, run.models[plan.model], plan.max_len, pairs, targets, run.splits["test"], label_pairs,
+        args=plan.args, alpha=alpha, known=plan.known))
+
+
+def student_data(run, labeller, labelled, setting="none"):
+    """A student's (pairs, targets): the labeller's hard labels on `labelled` pairs (DPO has no soft ones;
+    with --conf_threshold only those it is confident on), plus for the implicit conflict the ground-truth
+    helpfulness pairs."""
+    args = run.args
+    return common.student_data(runs.read_labels(labeller), labelled, conf_threshold=args.conf_threshold,
+                               conf_scale=args.conf_scale, drop_weak_errors=args.drop_weak_errors,
+                               helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
+
+
 # ----------------------------------------------------------------------------------------------------
 # the experiment
 
 def main(argv=None):
     args = runs.parse_args(Args, argv)
     runs.check_args(args)  # every option in range before anything loads
-    args = dataclasses.replace(args, precision=common.resolve_precision(args.precision))  # auto: what this machine runs
-    if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
-        torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
+    args = dataclasses.replace(args, precision=common.resolve_precision(args.precision))  # auto: what this chip runs
     if args.bench:
         from tools import bench
         return bench.bench(sys.modules[__name__], args)
-
-    # data splits, the locked run folder, the models (tiny ones built here), the digest of the code that trains
+    # 1. data: the splits, the locked run folder, the models (tiny ones built here), the digest of the code
     run = runs.start_run(args, METHOD, code_files=[__file__, common.__file__])
-    gt, w2s, test = run.splits["gt"], run.splits["w2s"], run.splits["test"]
-    gt_targets = [1.0] * len(gt)  # ground truth: chosen is better
-    # Each stage: its key (what it reads), then its summary from the cache, or trained now and saved.
-    # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
-    weak_len = args.weak_max_len or args.max_len
-    key = runs.stage_key(run, "weak", weak_len, gt, gt_targets, test, w2s)
-    weak = runs.load_stage(run, "weak", key) or runs.save_stage(run, "weak", key, *train_and_predict(
-        run.root / "weak", run.models["weak"], weak_len, gt, gt_targets, test, w2s, args=args))
-    # 2. strong ceiling: the strong model on ground truth
-    key = runs.stage_key(run, "strong", args.max_len, gt, gt_targets, test)
-    strong = runs.load_stage(run, "strong", key) or runs.save_stage(run, "strong", key, *train_and_predict(
-        run.root / "strong", run.models["strong"], args.max_len, gt, gt_targets, test, args=args))
-    stages = {"weak": weak, "strong": strong}
-    labels, labelled = runs.read_labels(weak), w2s
-    label_options = dict(conf_threshold=args.conf_threshold, conf_scale=args.conf_scale,
-                         drop_weak_errors=args.drop_weak_errors)  # hard labels: DPO has no soft ones
+    gt, w2s = run.splits["gt"], run.splits["w2s"]
+    truth = [1.0] * len(gt)  # ground truth: chosen is better
+    # 2. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
+    weak = stage(run, "weak", gt, truth, w2s, max_len=args.weak_max_len)
+    # 3. strong ceiling: the strong model on ground truth
+    stages = {"weak": weak, "strong": stage(run, "strong", gt, truth)}
+    labeller, labelled = weak, w2s
     if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
-        pairs, targets = common.student_data(labels, labelled, **label_options)
-        key = runs.stage_key(run, "intermediate", args.max_len, pairs, targets, test, gt)
-        stages["intermediate"] = runs.load_stage(run, "intermediate", key) or runs.save_stage(
-            run, "intermediate", key, *train_and_predict(run.root / "intermediate", run.models["intermediate"],
-                                                         args.max_len, pairs, targets, test, gt, args=args))
-        labels, labelled = runs.read_labels(stages["intermediate"]), gt
-    # 3. students: the strong model, fresh, on the labeller's hard labels (its preferred response as chosen);
+        labeller = stages["intermediate"] = stage(run, "intermediate", *student_data(run, weak, w2s), gt)
+        labelled = gt
+    # 4. students: the strong model, fresh, on the labeller's hard labels (its preferred response as chosen);
     #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
-    #    place a student sees ground truth. --eval_every: scored in the knowledge areas while it trains.
-    student = dataclasses.replace(args, seed=args.student_seed) if args.student_seed >= 0 else args  # their order
+    #    place a student sees ground truth
     for setting in args.settings.split(","):
-        name, alpha = f"student-{setting}", args.alpha if setting == "explicit" else 0.0
-        pairs, targets = common.student_data(labels, labelled, **label_options,
-                                             helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
-        key = runs.stage_key(run, "strong", args.max_len, pairs, targets, test, alpha=alpha, curve=args.eval_every > 0,
-                             seed=student.seed)
-        stages[name] = runs.load_stage(run, name, key) or runs.save_stage(run, name, key, *train_and_predict(
-            run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=student, alpha=alpha,
-            evaluate=runs.curve_writer(run, name, weak, strong) if args.eval_every else None))
-    # 4. report: accuracies (and implicit-reward accuracies), PGR, the knowledge-space table and the DS
+        stages[f"student-{setting}"] = stage(run, f"student-{setting}", *student_data(run, labeller, labelled, setting),
+                                             alpha=args.alpha if setting == "explicit" else 0.0)
+    # 5. report: accuracies (and implicit-reward accuracies), PGR, the knowledge-space table and the DS
     return runs.report(run, stages, "DPO", extra_metrics=("implicit_accuracy",))
 
 

@@ -15,7 +15,7 @@ Models in Weak-to-Strong Generalization" (Yang et al., arXiv 2406.11431):
 Run:
   make rm STRONG=gpt2-xl WEAK=gpt2
   python rm_w2s.py --weak gpt2 --strong gpt2-medium --data hh --settings none,explicit
-  python rm_w2s.py --data toy --weak tiny:1x32 --strong tiny:2x64 ...   (offline, see README)
+  python rm_w2s.py --data toy --weak tiny:1x32 --strong tiny:2x64 ...   (offline: make demo, docs/toy.md)
 """
 import dataclasses
 import json
@@ -40,7 +40,7 @@ METHOD = "rm"  # the run folder's first word
 @dataclass
 class Args:
     # data
-    data: str = "hh"  # hh | cai | toy | a directory with the paper's harmless_*.jsonl files
+    data: str = "hh"  # hh | cai | toy | arith | arith:val (its validation split as test) | a folder of harmless_*.jsonl
     n_gt: int = 4000  # ground-truth pairs: train the weak and strong ceilings
     n_w2s: int = 4000  # weak-to-strong pairs: labelled by the weak ceiling, train the students
     n_test: int = 4000  # test pairs: accuracy and the knowledge-space analysis
@@ -165,56 +165,50 @@ def score_pairs(model, encoded_pairs, pad_id, micro_batch, autocast):
     return [chosen - rejected for chosen, rejected in rewards]
 
 
-def preference_loss(model, pad_id, args, alpha):
-    """batch_loss for train(): the soft-label loss on the rewards of each pair's chosen and rejected texts, in
-    one forward, plus alpha * the explicit-conflict term. Examples hold "chosen", "rejected" (encoded texts in
-    ground-truth orientation) and "target" (P(chosen is better) by the labeller)."""
-    def batch_loss(batch):
-        device = common.device()
-        texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
-        inputs, _, rows, last = common.collate(texts, pad_id, device, args.pack)
-        rewards = model(inputs, rows, last)  # (2B,): chosen, rejected, chosen, ... in one forward
-        r_c, r_r = rewards[0::2], rewards[1::2]  # (B,), (B,)
-        p = torch.tensor([e["target"] for e in batch], device=device)  # (B,)
-        losses = soft_label_loss(r_c, r_r, p)
-        if alpha:
-            y_gt = torch.ones_like(p)  # the pairs are in ground-truth orientation: chosen is the ground-truth chosen
-            shown_first = torch.tensor([e["chosen_first"] for e in batch], device=device)  # (B,) bool
-            losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt, shown_first)
-        r_c, r_r = r_c.detach(), r_r.detach()
-        return losses.sum(), {
-            "rewards/accuracies": ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),  # agreement with p
-            "rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(), "rewards/margins": (r_c - r_r).sum()}
-    return batch_loss
-
-
-def one_per_pair(example):
-    """The reward model's loss unit: the pair."""
-    return 1
+def preference_loss(model, batch, pad_id, args, alpha):
+    """The soft-label loss on the rewards of each pair's chosen and rejected texts, in one forward, plus alpha *
+    the explicit-conflict term. `batch`: examples holding "chosen", "rejected" (encoded texts in ground-truth
+    orientation), "target" (P(chosen is better) by the labeller) and "chosen_first" (which text a tie predicts).
+    Returns (the loss summed over the pairs, {metric: its sum over the pairs})."""
+    device = common.device()
+    texts = [t for e in batch for t in (e["chosen"], e["rejected"])]
+    inputs, _, rows, last = common.collate(texts, pad_id, device, args.pack)
+    rewards = model(inputs, rows, last)  # (2B,): chosen, rejected, chosen, ... in one forward
+    r_c, r_r = rewards[0::2], rewards[1::2]  # (B,), (B,)
+    p = torch.tensor([e["target"] for e in batch], device=device)  # (B,)
+    losses = soft_label_loss(r_c, r_r, p)
+    if alpha:
+        y_gt = torch.ones_like(p)  # the pairs are in ground-truth orientation: chosen is the ground-truth chosen
+        shown_first = torch.tensor([e["chosen_first"] for e in batch], device=device)  # (B,) bool
+        losses = losses + alpha * explicit_conflict_loss(r_c, r_r, y_gt, shown_first)
+    r_c, r_r = r_c.detach(), r_r.detach()
+    return losses.sum(), {
+        "rewards/accuracies": ((r_c > r_r).float() == (p > 0.5).float()).float().sum(),  # agreement with p
+        "rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(), "rewards/margins": (r_c - r_r).sum()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # training loop
 
-def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, autocast, desc, evaluate=None):
-    """Optimise `batch_loss(batch) -> (loss summed over the batch, {metric: sum over pairs})` over `examples`
-    for `epochs` with args.schedule. `units(example)` is the loss's unit count (1 per pair). Writes one metrics
-    line per optimizer step to log_path; calls evaluate(step, examples_seen) every args.eval_every steps and at
-    the last one, if given. Returns the steps."""
+def train(model, examples, *, pad_id, alpha, args, log_dir, curve=None):
+    """Optimise preference_loss over `examples` (alpha: the explicit term's weight) for args.epochs at args.lr with
+    args.schedule. One metrics line per optimizer step goes to log_dir/metrics.jsonl. curve (--eval_every, a
+    student): common.EvalCurve, whose test pairs are scored every args.eval_every steps and at the last one into
+    log_dir/eval_curve.jsonl. Returns the steps."""
+    desc, autocast = log_dir.name, common.autocast(args.precision)
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
-    steps = [s for epoch in range(epochs) for s in
+    steps = [s for epoch in range(args.epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), lr, args.weight_decay)
+    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
     ddp, master = common.world_size() > 1, common.rank() == 0  # torchrun: rank 0 alone logs
-    log = open(log_path if master else os.devnull, "w")
+    log = open(log_dir / "metrics.jsonl" if master else os.devnull, "w")
     bar = tqdm(steps, desc=desc, dynamic_ncols=True, disable=not master)
     examples_seen = 0
     for step, micro_batches in enumerate(bar):
-        step_lr = common.lr_at(step, len(steps), lr, args.warmup_ratio, args.schedule)
+        lr = common.lr_at(step, len(steps), args.lr, args.warmup_ratio, args.schedule)
         for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        n_units = sum(units(examples[i]) for mb in micro_batches for i in mb)
+            group["lr"] = lr
         n_pairs = sum(len(mb) for mb in micro_batches)
         if ddp:  # this rank's share of the micro-batches, each at gradient scale N (common.rank_share)
             micro_batches = common.rank_share(micro_batches)
@@ -223,12 +217,14 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
         sums = {}  # the loss and each metric, summed over the micro-batches
         for mb, grad_scale in micro_batches:
             with autocast():
-                loss, metrics = batch_loss([examples[i] for i in mb])
-            # each backward adds gradients, so normalise by the units of the whole optimizer step: an uneven last
+                loss, metrics = preference_loss(model, [examples[i] for i in mb], pad_id, args, alpha)
+            # each backward adds gradients, so normalise by the pairs of the whole optimizer step: an uneven last
             # micro-batch then weighs what its pairs weigh
-            (grad_scale * loss / n_units).backward()
+            (grad_scale * loss / n_pairs).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0) + (grad_scale > 0) * v
+                if grad_scale == 0:  # a rank's stand-in micro-batch (common.rank_share): it counts for nothing, but
+                    v = torch.zeros_like(v)  # every rank must sum the same metrics
+                sums[k] = sums.get(k, 0) + v
         totals = torch.stack(list(sums.values()))
         if ddp:
             common.sum_over_ranks(totals)  # the whole step's sums, in one sync
@@ -237,19 +233,23 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         examples_seen += n_pairs
-        row = {"step": step + 1, "examples_seen": examples_seen, "loss": sums.pop("loss") / n_units,
-               **{k: v / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": step_lr}
+        row = {"step": step + 1, "examples_seen": examples_seen, "loss": sums.pop("loss") / n_pairs,
+               **{k: v / n_pairs for k, v in sums.items()}, "grad_norm": float(grad_norm), "lr": lr}
         if not math.isfinite(row["loss"]):  # stop at once: a NaN would otherwise train on into every number
             raise SystemExit(f"error: [{desc}] the loss is {row['loss']} at step {step + 1}: training diverged (try "
                              "a smaller --lr); this stage was not saved")
         log.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
             log.flush()
             tqdm.write(f"{desc} step {step + 1}/{len(steps)} " + " ".join(
                 f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "examples_seen")))
-        if evaluate and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
-            evaluate(step + 1, examples_seen)  # scores under no_grad: the training itself is unchanged
+        if curve and ((step + 1) % args.eval_every == 0 or step + 1 == len(steps)):
+            margins = score_pairs(model, curve.pairs, pad_id, args.micro_batch, autocast)  # no_grad: training unchanged
+            if master:
+                common.append_jsonl(log_dir / "eval_curve.jsonl", common.curve_row(step + 1, examples_seen, margins,
+                                                                                   curve.weak_correct,
+                                                                                   curve.strong_correct))
     log.close()
     return steps
 
@@ -257,7 +257,7 @@ def train(model, examples, batch_loss, *, units, lr, epochs, args, log_path, aut
 # ----------------------------------------------------------------------------------------------------
 # one stage: train a fresh reward model, then predict
 
-def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha, log_path, desc, evaluate=None):
+def train_preferences(model, encoded, targets, *, pad_id, args, alpha, log_dir, curve=None):
     """Train `model` on encoded pairs in ground-truth orientation with `targets` (P(chosen is better) by the
     labeller). Soft targets keep pairs in ground-truth orientation without telling the student anything: the
     loss is symmetric under swapping chosen and rejected (Δ -> -Δ, p -> 1 - p). "chosen_first": the random
@@ -266,42 +266,59 @@ def train_preferences(model, encoded, targets, *, pad_id, args, autocast, alpha,
     rng = random.Random(args.seed)
     examples = [{"chosen": c, "rejected": r, "target": p, "chosen_first": rng.random() < 0.5}
                 for (c, r), p in zip(encoded, targets)]
-    steps = train(model, examples, preference_loss(model, pad_id, args, alpha), units=one_per_pair, lr=args.lr,
-                  epochs=args.epochs, args=args, log_path=log_path, autocast=autocast, desc=desc, evaluate=evaluate)
+    steps = train(model, examples, pad_id=pad_id, alpha=alpha, args=args, log_dir=log_dir, curve=curve)
     return examples, steps
 
 
 def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs, label_pairs=None, *, args,
-                      alpha=0.0, evaluate=None):
+                      alpha=0.0, known=None):
     """Train a fresh reward model from `model_path` on ground-truth-oriented `pairs` with `targets` (its training
-    curve into stage_dir), then score `test_pairs` and, if given, label `label_pairs`. evaluate(step,
-    examples_seen, test margins), if given, is called during training. Returns (summary, {file: rows})."""
+    curve into stage_dir), then score `test_pairs` and, if given, label `label_pairs`. known (--eval_every): the
+    ceilings' (weak, strong) correctness per test pair, for the student's eval curve. Returns (summary, {file:
+    rows})."""
     common.seed_everything(args.seed)
     device, autocast = common.device(), common.autocast(args.precision)
     model, tok = load(model_path, args, device)
     if common.world_size() > 1:  # torchrun: FSDP shards the model over the ranks
         model = common.shard(model, args.fsdp_cpu_offload)
     max_len = min(max_len, common.model_max_len(model.body.config) or max_len)
+    pad = tok.pad_token_id
     test_encoded = encode(tok, test_pairs, max_len)
-
-    def test_margins():
-        return score_pairs(model, test_encoded, tok.pad_token_id, args.micro_batch, autocast)
-    train_preferences(model, encode(tok, pairs, max_len), targets, pad_id=tok.pad_token_id, args=args,
-                      autocast=autocast, alpha=alpha, log_path=stage_dir / "metrics.jsonl", desc=stage_dir.name,
-                      evaluate=evaluate and (lambda step, seen: evaluate(step, seen, test_margins())))
+    curve = common.EvalCurve(test_encoded, *known) if known else None
+    train_preferences(model, encode(tok, pairs, max_len), targets, pad_id=pad, args=args, alpha=alpha,
+                      log_dir=stage_dir, curve=curve)
     model.eval()
-    margins = test_margins()
+    margins = score_pairs(model, test_encoded, pad, args.micro_batch, autocast)
     summary = {**common.accuracy(margins), "n_train": len(pairs)}
     outputs = {"predictions.jsonl": common.prediction_rows(margins)}
     read = {"train": pairs, "test": test_pairs, **({"labels": label_pairs} if label_pairs is not None else {})}
     summary["cut"] = {split: common.n_cut(tok, texts, max_len, eos=False) for split, texts in read.items()}
     if label_pairs is not None:
-        label_margins = score_pairs(model, encode(tok, label_pairs, max_len), tok.pad_token_id, args.micro_batch,
-                                    autocast)
+        label_margins = score_pairs(model, encode(tok, label_pairs, max_len), pad, args.micro_batch, autocast)
         outputs["labels.jsonl"] = common.label_rows(label_margins)
         summary["label_accuracy"] = common.accuracy(label_margins)["accuracy"]
     print(f"[{stage_dir.name}] test accuracy {summary['accuracy']:.4f} (ties {summary['ties']})")
     return summary, outputs
+
+
+def stage(run, name, pairs, targets, label_pairs=None, *, max_len=None, alpha=0.0):
+    """The stage `name` (weak, strong, intermediate, student-SETTING) under a visible cache guard: the summary of
+    a finished stage that read exactly this (runs.plan_stage: its key), or else its model trained on `pairs` with
+    `targets` now, scored on the test split (labelling `label_pairs`, if given) and saved."""
+    plan = runs.plan_stage(run, name, pairs, targets, label_pairs, max_len=max_len, alpha=alpha)
+    return runs.load_stage(run, name, plan.key) or runs.save_stage(run, name, plan.key, *train_and_predict(
+        run.root / name, run.models[plan.model], plan.max_len, pairs, targets, run.splits["test"], label_pairs,
+        args=plan.args, alpha=alpha, known=plan.known))
+
+
+def student_data(run, labeller, labelled, setting="none"):
+    """A student's (pairs, targets): the labeller's soft labels p = sigmoid(margin) on `labelled` pairs (those it
+    is confident on, with --conf_threshold), plus for the implicit conflict the ground-truth helpfulness pairs."""
+    args = run.args
+    return common.student_data(runs.read_labels(labeller), labelled, conf_threshold=args.conf_threshold,
+                               conf_scale=args.conf_scale, hard_labels=args.hard_labels,
+                               drop_weak_errors=args.drop_weak_errors,
+                               helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,52 +327,28 @@ def train_and_predict(stage_dir, model_path, max_len, pairs, targets, test_pairs
 def main(argv=None):
     args = runs.parse_args(Args, argv)
     runs.check_args(args)  # every option in range before anything loads
-    args = dataclasses.replace(args, precision=common.resolve_precision(args.precision))  # auto: what this machine runs
-    if torch.cuda.is_available():  # cuDNN attention re-plans for every new sequence length: CPU-bound (README, Speed;
-        torch.backends.cuda.enable_cudnn_sdp(False)  # https://github.com/pytorch/pytorch/pull/155958)
+    args = dataclasses.replace(args, precision=common.resolve_precision(args.precision))  # auto: what this chip runs
     if args.bench:
         from tools import bench
         return bench.bench(sys.modules[__name__], args)
-
-    # data splits, the locked run folder, the models (tiny ones built here), the digest of the code that trains
+    # 1. data: the splits, the locked run folder, the models (tiny ones built here), the digest of the code
     run = runs.start_run(args, METHOD, code_files=[__file__, common.__file__])
-    gt, w2s, test = run.splits["gt"], run.splits["w2s"], run.splits["test"]
-    gt_targets = [1.0] * len(gt)  # ground truth: chosen is better
-    # Each stage: its key (what it reads), then its summary from the cache, or trained now and saved.
-    # 1. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
-    weak_len = args.weak_max_len or args.max_len
-    key = runs.stage_key(run, "weak", weak_len, gt, gt_targets, test, w2s)
-    weak = runs.load_stage(run, "weak", key) or runs.save_stage(run, "weak", key, *train_and_predict(
-        run.root / "weak", run.models["weak"], weak_len, gt, gt_targets, test, w2s, args=args))
-    # 2. strong ceiling: the strong model on ground truth
-    key = runs.stage_key(run, "strong", args.max_len, gt, gt_targets, test)
-    strong = runs.load_stage(run, "strong", key) or runs.save_stage(run, "strong", key, *train_and_predict(
-        run.root / "strong", run.models["strong"], args.max_len, gt, gt_targets, test, args=args))
-    stages = {"weak": weak, "strong": strong}
-    labels, labelled = runs.read_labels(weak), w2s
-    label_options = dict(conf_threshold=args.conf_threshold, conf_scale=args.conf_scale, hard_labels=args.hard_labels,
-                         drop_weak_errors=args.drop_weak_errors)
+    gt, w2s = run.splits["gt"], run.splits["w2s"]
+    truth = [1.0] * len(gt)  # ground truth: chosen is better
+    # 2. weak ceiling: the weak model on ground truth, reading weak_max_len tokens; it labels the w2s split
+    weak = stage(run, "weak", gt, truth, w2s, max_len=args.weak_max_len)
+    # 3. strong ceiling: the strong model on ground truth
+    stages = {"weak": weak, "strong": stage(run, "strong", gt, truth)}
+    labeller, labelled = weak, w2s
     if args.intermediate:  # bootstrapping: the intermediate model learns the weak labels, then labels the gt split
-        pairs, targets = common.student_data(labels, labelled, **label_options)
-        key = runs.stage_key(run, "intermediate", args.max_len, pairs, targets, test, gt)
-        stages["intermediate"] = runs.load_stage(run, "intermediate", key) or runs.save_stage(
-            run, "intermediate", key, *train_and_predict(run.root / "intermediate", run.models["intermediate"],
-                                                         args.max_len, pairs, targets, test, gt, args=args))
-        labels, labelled = runs.read_labels(stages["intermediate"]), gt
-    # 3. students: the strong model, fresh, on the labeller's soft labels p = sigmoid(margin) (BCE);
-    #    implicit: plus ground-truth helpfulness pairs; explicit: plus alpha * the conflict term, the only
-    #    place a student sees ground truth. --eval_every: scored in the knowledge areas while it trains.
-    student = dataclasses.replace(args, seed=args.student_seed) if args.student_seed >= 0 else args  # their order
+        labeller = stages["intermediate"] = stage(run, "intermediate", *student_data(run, weak, w2s), gt)
+        labelled = gt
+    # 4. students: the strong model, fresh, on the labeller's soft labels; implicit: plus ground-truth helpfulness
+    #    pairs; explicit: plus alpha * the conflict term, the only place a student sees ground truth
     for setting in args.settings.split(","):
-        name, alpha = f"student-{setting}", args.alpha if setting == "explicit" else 0.0
-        pairs, targets = common.student_data(labels, labelled, **label_options,
-                                             helpful_pairs=run.splits["extra"] if setting == "implicit" else ())
-        key = runs.stage_key(run, "strong", args.max_len, pairs, targets, test, alpha=alpha, curve=args.eval_every > 0,
-                             seed=student.seed)
-        stages[name] = runs.load_stage(run, name, key) or runs.save_stage(run, name, key, *train_and_predict(
-            run.root / name, run.models["strong"], args.max_len, pairs, targets, test, args=student, alpha=alpha,
-            evaluate=runs.curve_writer(run, name, weak, strong) if args.eval_every else None))
-    # 4. report: accuracies, PGR, the knowledge-space table and the deception score of each student
+        stages[f"student-{setting}"] = stage(run, f"student-{setting}", *student_data(run, labeller, labelled, setting),
+                                             alpha=args.alpha if setting == "explicit" else 0.0)
+    # 5. report: accuracies, PGR, the knowledge-space table and the deception score of each student
     return runs.report(run, stages, "Reward modeling")
 
 

@@ -3,6 +3,7 @@ cache, files written whole, the report. Nothing here changes a number the experi
 the code of the method script and of common.py, not of this file), and nothing runs at import time.
 Sections: options, models, run folders, stages, digests, health, files, report.
 """
+import collections
 import dataclasses
 import errno
 import hashlib
@@ -113,9 +114,15 @@ def check_args(args):
     if "explicit" in settings and getattr(args, "alpha", None) == 0:
         raise SystemExit("error: --settings explicit weighs its conflict term by --alpha, and --alpha is 0: "
                          "give --alpha > 0 or leave explicit out of --settings")
+    # the students' data order would be --seed's: the same stage key, so the no-conflict student is reused and a
+    # churn measured against it reads 0
+    if getattr(args, "student_seed", -1) == args.seed:
+        raise SystemExit(f"error: --student_seed {args.student_seed} is --seed: the students would train in the run's "
+                         "own data order and change nothing; give another seed (a churn run) or leave it at -1")
     for option in ("weak", "strong", "intermediate"):
         if getattr(args, option):
             check_model_name(option, getattr(args, option))
+    check_hub_cache(args)
     check_out_dir(args.out_dir)
     torchrun = "LOCAL_RANK" in os.environ
     if args.fsdp_cpu_offload and not torchrun:
@@ -154,6 +161,28 @@ def check_model_name(option, name):
     elif base.endswith(".gguf") or os.path.isabs(base) or base.startswith(".") or base.count("/") > 1 \
             or os.path.isdir(base.split("/")[0]):
         raise SystemExit(f"error: --{option} {base}: no such file or folder")
+
+
+def check_hub_cache(args):
+    """Offline (HF_HUB_OFFLINE=1), every Hub model the run names is in the local cache: one line naming those that
+    are not and how to give local files instead, before the data loads (the Hub data may be missing too, but a
+    model is what the user named)."""
+    import huggingface_hub
+    if not huggingface_hub.is_offline_mode():
+        return
+    missing = []
+    for option in ("weak", "strong", "intermediate"):
+        name = getattr(args, option)
+        repo = re.sub(r":first\d+$", "", name or "")
+        if not repo or repo.startswith("tiny:") or repo.endswith(".gguf") or os.path.exists(repo):
+            continue
+        if not isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
+            missing.append(f"--{option} {name}")
+    if missing:
+        raise SystemExit(f"error: offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache "
+                         f"({huggingface_hub.constants.HF_HUB_CACHE}): {', '.join(missing)}; download it once online, "
+                         "or point --weak / --strong / --intermediate at a local model folder (save_pretrained) or "
+                         ".gguf file")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,7 +340,29 @@ def say_full_disk_in_one_line(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# stages: main() guards each one (key = stage_key(...); load_stage(...), and if None, train and save_stage(...))
+# stages: each method's stage() guards one (plan_stage(...); load_stage(...), and if None, train and save_stage(...))
+
+Plan = collections.namedtuple("Plan", "key model max_len args known")
+
+
+def plan_stage(run, name, pairs, targets, label_pairs=None, *, max_len=None, alpha=0.0):
+    """What the stage `name` reads, from its name and data alone: its cache key; the model it trains (weak, strong,
+    intermediate: the stage's own; every "student-..." the strong one), so that key and stage cannot disagree; its
+    max_len (default --max_len); its options (a student's data order from --student_seed where given); and for a
+    student with --eval_every, `known`: (weak correct, strong correct) per test pair, the knowledge areas its
+    eval_curve.jsonl is scored in (else None)."""
+    args, student = run.args, name.startswith("student-")
+    model = "strong" if student else name
+    if student and args.student_seed >= 0:
+        args = dataclasses.replace(args, seed=args.student_seed)
+    max_len = max_len or args.max_len
+    curve = student and args.eval_every > 0
+    key = stage_key(run, model, max_len, pairs, targets, run.splits["test"], label_pairs, alpha=alpha, curve=curve,
+                    seed=args.seed if student else None)
+    known = [[row["correct"] for row in common.read_jsonl(run.root / ceiling / "predictions.jsonl")]
+             for ceiling in ("weak", "strong")] if curve else None
+    return Plan(key, model, max_len, args, known)
+
 
 def stage_key(run, role, max_len, pairs, targets, test_pairs, label_pairs=None, alpha=0.0, curve=False, seed=None):
     """The key of a stage that trains a fresh `role` model on `pairs` with `targets` and scores `test_pairs` (and
@@ -410,21 +461,6 @@ def read_predictions(stage):
 
 def read_labels(stage):
     return common.read_jsonl(Path(stage["dir"]) / "labels.jsonl")
-
-
-def curve_writer(run, name, weak, strong):
-    """evaluate(step, examples_seen, margins) for a student's loop (--eval_every): appends its test accuracy, DS
-    and error rate in each knowledge area of the ceilings `weak` and `strong` to its eval_curve.jsonl."""
-    known = [[row["correct"] for row in read_predictions(stage)] for stage in (weak, strong)]
-
-    def evaluate(step, examples_seen, margins):
-        space = common.knowledge_space(*known, [m > 0 for m in margins])
-        row = {"step": step, "examples_seen": examples_seen, **common.accuracy(margins), "ds": space["ds"],
-               "err_wk_sk": space["err_wk_sk"], "areas": {a: v["student_error"] for a, v in space["areas"].items()}}
-        if rank() == 0:
-            with open(run.root / name / "eval_curve.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-    return evaluate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -575,7 +611,8 @@ def build_results(stages, args, data_stats, test_pairs, extra_metrics=()):
     decided = [i for i, s in enumerate(shorter) if s is not None]
     # accuracy counts an equal-length pair as wrong, like a tie; agreement reads only the pairs where the rule
     # prefers one response (a model that is simply wrong must not "agree" with a rule that did not choose)
-    results["length_baseline"] = {"accuracy": sum(s is True for s in shorter) / len(shorter),
+    # (null where it decides no pair at all: a testbed whose responses are equally long, where length tells nothing)
+    results["length_baseline"] = {"accuracy": sum(s is True for s in shorter) / len(shorter) if decided else None,
                                   "equal_length": len(shorter) - len(decided), "agreement": {}}
     for name in stages:
         c = correct[name]
@@ -673,9 +710,14 @@ def render_report(results, title):
                               f"{rate(e['ds_restated']['share'], e['ds_restated']['ci'])}"
                               for s, e in results["students"].items()) + "."]
     lb = results["length_baseline"]
-    lines += ["", f'Length baseline: "prefer the shorter response" is right on {fmt(lb["accuracy"])} of the test pairs '
-              f'(equal lengths count as wrong: {lb["equal_length"]} pairs); agreement of each model with it, on the pairs '
-              "whose responses differ in length: " + ", ".join(f"{n} {fmt(v)}" for n, v in lb["agreement"].items()) + "."]
+    if lb["accuracy"] is None:
+        lines += ["", f'Length baseline: the two responses of every test pair ({lb["equal_length"]}) are equally long, so '
+                  '"prefer the shorter response" decides none of them: length cannot tell chosen from rejected here.']
+    else:
+        lines += ["", f'Length baseline: "prefer the shorter response" is right on {fmt(lb["accuracy"])} of the test '
+                  f'pairs (equal lengths count as wrong: {lb["equal_length"]} pairs); agreement of each model with it, on '
+                  "the pairs whose responses differ in length: " + ", ".join(f"{n} {fmt(v)}" for n, v in
+                                                                             lb["agreement"].items()) + "."]
     for note in results["notes"]:
         lines += ["", f"Note: {note}"]
     c = results["config"]

@@ -254,8 +254,8 @@ def test_dpo_sums_and_simpo_means_in_batch_loss(tiny):
     for alpha, pack in [(0.0, True), (0.5, True), (0.5, False)]:
         with torch.no_grad():
             dpo_args, simpo_args = dpo_w2s.Args(beta=0.1, pack=pack), simpo_w2s.Args(beta=2.0, gamma=1.0, pack=pack)
-            dpo, dpo_metrics = dpo_w2s.preference_loss(model, pad, dpo_args, alpha)(examples)
-            simpo, simpo_metrics = simpo_w2s.preference_loss(model, pad, simpo_args, alpha)(examples)
+            dpo, dpo_metrics = dpo_w2s.preference_loss(model, examples, pad, dpo_args, alpha)
+            simpo, simpo_metrics = simpo_w2s.preference_loss(model, examples, pad, simpo_args, alpha)
 
         def dpo_expected(c, r, ref_c, ref_r):
             return (dpo_w2s.dpo_loss(c, r, ref_c, ref_r, 0.1)[0]

@@ -1,4 +1,4 @@
-"""The offline toy testbed (README, "make demo") and the tiny local models it runs on.
+"""The offline toy testbed (`make demo`; docs/toy.md) and the tiny local models it runs on.
 
 - The toy task: preference pairs in the HH format whose harmfulness is decided by one cue word at a random
   place in the request; the weak model's short reading window hides the cues that sit early (make_toy_pairs,

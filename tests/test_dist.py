@@ -140,34 +140,32 @@ def gradient_worker(method, model_path, pairs_file, out_file):
     tok = common.load_tokenizer(model_path)
     recorded = {}
     common.make_optimizer = lambda params, *a: recorded.setdefault("opt", RecordingOptimizer(params))
-    log = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    log_dir = Path(tempfile.mkdtemp())
     if method == "rm":
         from transformers import AutoModel
         model = rm_w2s.RewardModel(common.load_model(model_path, AutoModel, tok, device))
         torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head (the default) passes no gradient to the body
         model = common.shard(model) if common.world_size() > 1 else model
-        args = rm_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
+        args = rm_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000,
+                           precision="fp32")
         encoded = rm_w2s.encode(tok, pairs, 128)
         model.eval()
         rm_w2s.score_pairs(model, encoded, tok.pad_token_id, 2, autocast)  # a scoring pass first, as --eval_every does
         examples = [{"chosen": c, "rejected": r, "target": p, "chosen_first": i % 2 == 0}  # ground-truth orientation
                     for i, ((c, r), p) in enumerate(zip(encoded, [0.9, 0.2, 0.6, 0.7, 0.1, 0.8]))]
-        rm_w2s.train(model, examples, rm_w2s.preference_loss(model, tok.pad_token_id, args, 0.5),
-                     units=rm_w2s.one_per_pair, lr=1e-3, epochs=1, args=args, log_path=log, autocast=autocast,
-                     desc="grad")
+        rm_w2s.train(model, examples, pad_id=tok.pad_token_id, alpha=0.5, args=args, log_dir=log_dir)
     else:
         from transformers import AutoModelForCausalLM
         model = common.load_model(model_path, AutoModelForCausalLM, tok, device, pack=True)
         model = common.shard(model) if common.world_size() > 1 else model
-        args = dpo_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000)
+        args = dpo_w2s.Args(batch_size=6, micro_batch=2, lr=1e-3, group_by_length=False, log_every=1000,
+                            precision="fp32")
         encoded = common.encode_pairs(tok, pairs, 128)
         model.eval()
         ref = common.pair_logps(model, encoded, tok.pad_token_id, 2, autocast)  # the reference pass, as the script
         examples = [{"chosen": c, "rejected": r, "gt_agree": i % 3 != 0, "ref_chosen": ref_c.sum + i, "ref_rejected": ref_r.sum}
                     for i, ((c, r), (ref_c, ref_r)) in enumerate(zip(encoded, ref))]  # + i: DPO logits away from 0
-        dpo_w2s.train(model, examples, dpo_w2s.preference_loss(model, tok.pad_token_id, args, 0.5),  # beta 0.1, packed
-                      units=dpo_w2s.one_per_pair, lr=1e-3, epochs=1, args=args, log_path=log, autocast=autocast,
-                      desc="grad")
+        dpo_w2s.train(model, examples, pad_id=tok.pad_token_id, alpha=0.5, args=args, log_dir=log_dir)  # beta 0.1
     names = [name for name, _ in model.named_parameters()]
     if common.rank() == 0:
         torch.save(dict(zip(names, recorded["opt"].grads)), out_file)

@@ -8,6 +8,7 @@ Data: ../shared/data/hh-single-turn (override the folder holding it with W2S_SHA
 not exist (a user's clone), synthetic HH-style pairs, with a warning.
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -145,7 +146,8 @@ def test_real_tokenizer_prompt_response_encoding_matches_whole_text(name, pairs)
 # ---- a few real training steps
 
 def train_args(module):
-    return module.Args(batch_size=4, micro_batch=2, epochs=1, warmup_ratio=0.0, log_every=1000, seed=0)
+    return module.Args(batch_size=4, micro_batch=2, epochs=1, warmup_ratio=0.0, log_every=1000, seed=0,
+                       precision="fp32")
 
 
 def test_reward_model_trains_on_real_pairs(pairs, smollm2_first8, tmp_path):
@@ -159,9 +161,7 @@ def test_reward_model_trains_on_real_pairs(pairs, smollm2_first8, tmp_path):
                 for c, r in common.encode_pairs(tok, pairs[:8], 128, eos=False)]
     before = model.head.weight.detach().clone()
     args = train_args(rm_w2s)
-    rm_w2s.train(model, examples, rm_w2s.preference_loss(model, tok.pad_token_id, args, 0.0), units=rm_w2s.one_per_pair,
-                 lr=args.lr, epochs=args.epochs, args=args, log_path=tmp_path / "metrics.jsonl",
-                 autocast=contextlib.nullcontext, desc="rm")
+    rm_w2s.train(model, examples, pad_id=tok.pad_token_id, alpha=0.0, args=args, log_dir=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples_seen"] for r in rows] == [4, 8]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
@@ -205,9 +205,8 @@ def test_dpo_trains_on_real_pairs(pairs, smollm2_first8, tmp_path):
     ref = common.pair_logps(model, enc, pad, 2, contextlib.nullcontext)
     examples = [{"chosen": c, "rejected": r, "ref_chosen": rc.sum, "ref_rejected": rr.sum, "gt_agree": True}
                 for (c, r), (rc, rr) in zip(enc, ref)]
-    args = train_args(dpo_w2s)
-    dpo_w2s.train(model, examples, dpo_w2s.preference_loss(model, pad, args, 0.0), units=dpo_w2s.one_per_pair, lr=1e-6,
-                  epochs=1, args=args, log_path=tmp_path / "metrics.jsonl", autocast=contextlib.nullcontext, desc="dpo")
+    args = dataclasses.replace(train_args(dpo_w2s), lr=1e-6)
+    dpo_w2s.train(model, examples, pad_id=pad, alpha=0.0, args=args, log_dir=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)

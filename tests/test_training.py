@@ -77,11 +77,10 @@ class RecordingOptimizer(torch.optim.SGD):
 
 def run_train(model, examples, pad_id, stage_dir, alpha=0.0, **overrides):
     args = rm_w2s.Args(**{"batch_size": 8, "micro_batch": 8, "lr": 1e-3, "epochs": 1, "warmup_ratio": 0.0,
-                          "grad_clip": 1e9, "group_by_length": False, "seed": 0, "log_every": 1000, **overrides})
+                          "grad_clip": 1e9, "group_by_length": False, "seed": 0, "log_every": 1000,
+                          "precision": "fp32", **overrides})
     stage_dir.mkdir(parents=True, exist_ok=True)
-    rm_w2s.train(model, examples, rm_w2s.preference_loss(model, pad_id, args, alpha), units=rm_w2s.one_per_pair,
-                 lr=args.lr, epochs=args.epochs, args=args, log_path=stage_dir / "metrics.jsonl",
-                 autocast=contextlib.nullcontext, desc=stage_dir.name)
+    rm_w2s.train(model, examples, pad_id=pad_id, alpha=alpha, args=args, log_dir=stage_dir)
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -148,24 +147,27 @@ def po_examples(tok, model, n, seed=0):
 
 
 def po_objective(module, objective, model, pad_id, alpha):
-    """(batch_loss, units) as train_and_predict passes them to train: the method's loss (1 unit per pair) or SFT's
-    (1 unit per response token)."""
+    """(batch_loss, units) as train() computes them: the method's loss (1 unit per pair) or SFT's (1 unit per
+    response token)."""
     if objective == "sft":
-        return common.sft_loss(model, pad_id), common.response_tokens
+        return (lambda batch: common.sft_loss(model, batch, pad_id)), common.response_tokens
     args = dpo_w2s.Args(beta=0.1, pack=True) if module is dpo_w2s else simpo_w2s.Args(beta=2.0, gamma=1.0, pack=True)
-    return module.preference_loss(model, pad_id, args, alpha), module.one_per_pair
+    return (lambda batch: module.preference_loss(model, batch, pad_id, args, alpha)), (lambda example: 1)
 
 
 def run_po_train(module, objective, model, examples, pad_id, log_path, alpha, **overrides):
     """module.train for one epoch with a RecordingOptimizer (install it first); returns the metrics rows."""
-    args = module.Args(**{"batch_size": 8, "micro_batch": 8, "epochs": 1, "warmup_ratio": 0.0, "grad_clip": 1e9,
-                          "seed": 0, "log_every": 1000, **overrides})
-    batch_loss, size = po_objective(module, objective, model, pad_id, alpha)
-    if objective == "sft":
+    args = module.Args(**{"batch_size": 8, "micro_batch": 8, "epochs": 1, "sft_epochs": 1, "lr": 1e-3,
+                          "warmup_ratio": 0.0, "grad_clip": 1e9, "seed": 0, "log_every": 1000, "precision": "fp32",
+                          **overrides})
+    sft = objective == "sft"
+    if sft:
         examples = [{"chosen": e["chosen"]} for e in examples]
-    module.train(model, examples, batch_loss, units=size, lr=1e-3, epochs=1, args=args, log_path=log_path,
-                 autocast=contextlib.nullcontext, desc=log_path.stem)
-    return [json.loads(line) for line in log_path.read_text().splitlines()]
+    log_dir = log_path.parent / log_path.stem
+    log_dir.mkdir(parents=True, exist_ok=True)
+    module.train(model, examples, sft=sft, pad_id=pad_id, alpha=alpha, args=args, log_dir=log_dir)
+    written = log_dir / ("sft_metrics.jsonl" if sft else "metrics.jsonl")
+    return [json.loads(line) for line in written.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("objective", ["po", "sft"])

@@ -85,31 +85,30 @@ def bench(method, args):
     the peak a large matmul reaches on this machine in the same run, before and after it."""
     args = dataclasses.replace(args, epochs=1)
     pairs, model_path = workload(args)
-    device, autocast = common.device(), common.autocast(args.precision)
+    device = common.device()
     model, tok = method.load(model_path, args, device)
     encoded = method.encode(tok, pairs, args.max_len)
     targets = [1.0] * len(encoded)  # ground truth: chosen is better
 
-    def epoch(pairs, desc, log_path):  # -> (examples, steps)
+    def epoch(pairs, log_dir):  # -> (examples, steps); the loop names its progress bar after log_dir
+        log_dir.mkdir(exist_ok=True)
         return method.train_preferences(model, [encoded[i] for i in pairs], [targets[i] for i in pairs],
-                                        pad_id=tok.pad_token_id, args=args, autocast=autocast, alpha=0.0,
-                                        log_path=log_path, desc=desc)
+                                        pad_id=tok.pad_token_id, args=args, alpha=0.0, log_dir=log_dir)
     peak_dtype = "bf16" if common.resolve_precision("auto") == "bf16" else "fp32"
     peak = matmul_peak(device, peak_dtype)
     compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "metrics.jsonl"
         if device.type == "cuda" or compiled:  # kernels, the allocator and the compiler warm up, untimed, on a
             t0 = time.perf_counter()           # step of the shortest pairs and one of the longest: a compiled body
             by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0].ids) + len(encoded[i][1].ids))
             for pairs in (by_length[:args.batch_size], by_length[-args.batch_size:]):  # compiles a graph for each
-                epoch(pairs, "warm-up", log_path)                                   # range of lengths it meets
+                epoch(pairs, Path(tmp) / "warm-up")                                 # range of lengths it meets
             warm_up = time.perf_counter() - t0
             print(f"[bench] warm-up steps (untimed{', compiling the body' if compiled else ''}): {warm_up:.0f} s")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        examples, steps = epoch(range(len(encoded)), f"bench {method.METHOD} {args.precision}", log_path)
+        examples, steps = epoch(range(len(encoded)), Path(tmp) / f"bench {method.METHOD} {args.precision}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

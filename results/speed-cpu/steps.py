@@ -1,5 +1,6 @@
 """Time (or profile) a method's training steps on SmolLM2, bf16, after two warm-up steps: python results/speed-cpu/steps.py REPO [--compile on|off|none] [--steps N] [--micro 8] [--profile [--kprof]] [--sync DIR: start timing when two processes are ready]"""
 import argparse, os, resource, sys, time
+from pathlib import Path
 p = argparse.ArgumentParser(); p.add_argument("repo"); p.add_argument("--compile", default="on"); p.add_argument("--steps", type=int, default=3)
 p.add_argument("--profile", action="store_true"); p.add_argument("--micro", type=int, default=8); p.add_argument("--model", default="models/smollm2-135m-instruct")
 p.add_argument("--kprof", action="store_true"); p.add_argument("--sync", default=""); p.add_argument("--method", default="rm")
@@ -15,9 +16,10 @@ device, autocast = common.device(), common.autocast("bf16")
 model, tok = mod.load(a.model, args, device)
 pairs = common.read_jsonl("../shared/data/hh-single-turn/harmless_train_gt.jsonl")[:32 * (a.steps + 1)]
 enc = mod.encode(tok, pairs, args.max_len)
-def run(n, log="/tmp/prof_metrics.jsonl"):
-    return mod.train_preferences(model, enc[:n], [1.0] * n, pad_id=tok.pad_token_id, args=args, autocast=autocast,
-                                 alpha=0.0, log_path=log, desc="p")
+def run(n, log_dir=Path("/tmp/prof")):
+    log_dir.mkdir(exist_ok=True)
+    return mod.train_preferences(model, enc[:n], [1.0] * n, pad_id=tok.pad_token_id, args=args,
+                                 alpha=0.0, log_dir=log_dir)
 t0 = time.perf_counter(); run(32); print(f"warm {time.perf_counter()-t0:.1f}s", flush=True)
 t0 = time.perf_counter(); run(32); print(f"warm2 {time.perf_counter()-t0:.1f}s", flush=True)
 if a.sync:

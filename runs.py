@@ -116,7 +116,7 @@ def check_args(args):
                          "give --alpha > 0 or leave explicit out of --settings")
     # the students' data order would be --seed's: the same stage key, so the no-conflict student is reused and a
     # churn measured against it reads 0
-    if getattr(args, "student_seed", -1) == args.seed:
+    if args.seed >= 0 and getattr(args, "student_seed", -1) == args.seed:
         raise SystemExit(f"error: --student_seed {args.student_seed} is --seed: the students would train in the run's "
                          "own data order and change nothing; give another seed (a churn run) or leave it at -1")
     for option in ("weak", "strong", "intermediate"):
@@ -180,7 +180,7 @@ def check_hub_cache(args):
             missing.append(f"--{option} {name}")
     if missing:
         raise SystemExit(f"error: offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache "
-                         f"({huggingface_hub.constants.HF_HUB_CACHE}): {', '.join(missing)}; download it once online, "
+                         f"({huggingface_hub.constants.HF_HUB_CACHE}): {', '.join(missing)}; download once online, "
                          "or point --weak / --strong / --intermediate at a local model folder (save_pretrained) or "
                          ".gguf file")
 

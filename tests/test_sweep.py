@@ -541,3 +541,21 @@ def test_readme_calibration_rows_are_what_calibrate_computes_from_the_committed_
         assert len(rows) >= 3, command
         assert [row for row in rows if row not in generated.splitlines()] == [], f"README rows `{command}` does not write"
         assert (HERE / folder / "calibration.md").read_text() == generated
+
+
+def test_readme_arith_numbers_are_what_calibrate_computes_from_the_committed_results():
+    """The README's arithmetic paragraph quotes validation accuracies (three decimals, 0.5 and above): each is in the
+    table calibrate.py computes from the committed stages of results/arith-calibration, and the committed
+    calibration.md there is that table (its rows are too wide to copy into the README)."""
+    from tools import calibrate
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("### Arithmetic:"):readme.index("## Outputs")]
+    cwd = os.getcwd()
+    os.chdir(HERE)  # the table's first line names the folder as the README's command does
+    try:
+        generated = calibrate.summary("results/arith-calibration")
+    finally:
+        os.chdir(cwd)
+    assert (HERE / "results/arith-calibration/calibration.md").read_text() == generated
+    quoted = set(re.findall(r"\b0\.[5-9]\d\d\b", section))
+    assert len(quoted) >= 10 and sorted(q for q in quoted if q not in generated) == []

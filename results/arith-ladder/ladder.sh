@@ -8,10 +8,10 @@
 # Per seed, in this order (each a command a reader can type; finished stages are reused from the folder):
 #   none + explicit (alpha 0.5), explicit (alpha 0.2), a churn student (no conflict, another data order).
 # Every rung trains on 500 ground-truth and 500 weak-labelled pairs, not the calibrated 1000: a Qwen stage then
-# takes ~19 min here instead of ~31, on one thread (docs/arith.md). Run from the repository root.
+# takes ~22 min here instead of ~34, on one thread; 4000 test pairs: the power plan (docs/arith.md). Run from the repository root.
 set -eu
 strong=${1:?usage: ladder.sh STRONG SEED [SEED ...]}; shift
-common=(--data arith --weak models/smollm2-135m-instruct --strong "$strong" --n_gt 500 --n_w2s 500 --n_test 3000
+common=(--data arith --weak models/smollm2-135m-instruct --strong "$strong" --n_gt 500 --n_w2s 500 --n_test 4000
         --lr 1e-6 --precision bf16 --compile off --out_dir results/arith-ladder)
 for seed in "$@"; do
   python simpo_w2s.py "${common[@]}" --seed "$seed" --settings none,explicit --alpha 0.5

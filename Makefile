@@ -101,34 +101,50 @@ JOBS ?= 1
 sweep:
 	$(PY) tools/sweep.py --grid "$(GRID)" --args="$(SWEEP_ARGS) $(ARGS)" --out_dir $(SWEEP_DIR) --jobs $(JOBS)
 
-# The experiment on real pretrained models and the paper's data files (make models first; the Hub is not needed).
-# REAL_DATA / BENCH_DATA: a folder with the paper's harmless_*.jsonl files, from its repository
+# The experiment on real weights, as the README's arithmetic results run it (make models first; the Hub is not
+# needed): SimPO at the paper's 1e-6, weak SmolLM2-135M-Instruct -> strong Qwen2.5-Coder-0.5B-Instruct, on
+# arithmetic pairs (--data arith; no helpfulness data there, so students none + explicit). The ladder
+# (results/arith-ladder/ladder.sh) trains on 500 + 500 pairs and tests on 4000; on a CPU `make real` is that
+# pair at 256 + 256 and 1000 test pairs, about 20 minutes on 2 cores; with CUDA the paper's 4000 per split.
+# bf16 where the chip computes it (--precision auto), no torch.compile, as the ladder.
+cuda = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))")
+REAL_WEAK ?= models/smollm2-135m-instruct
+REAL_STRONG ?= models/qwen2.5-coder-0.5b-instruct
+REAL_N ?= $(if $(filter 1,$(cuda)),4000,256)
+REAL_TEST ?= $(if $(filter 1,$(cuda)),4000,1000)
+REAL_OUT ?= runs/real
+.PHONY: real
+real: models
+	$(PY) simpo_w2s.py --data arith --weak $(REAL_WEAK) --strong $(REAL_STRONG) --n_gt $(REAL_N) --n_w2s $(REAL_N) \
+	  --n_test $(REAL_TEST) --lr 1e-6 --settings none,explicit --compile off --seed $(SEED) --out_dir $(REAL_OUT) $(ARGS)
+
+# The HH-harmless experiment on real weights (docs/real-models.md: its runs and what they showed), on the paper's
+# data files. HH_DATA / BENCH_DATA: a folder with the paper's harmless_*.jsonl files, from its repository
 # (https://github.com/keven980716/weak-to-strong-deception, weak-to-strong/data/hh-single-turn); the default is
 # where this project's machines keep a copy.
 # On a CPU: 500 pairs per split, and 5x the paper's learning rate, since 500 pairs are 16 optimizer steps where
 # the paper's 4000 are 125 (at the paper's 1e-5 the zero-initialised reward head had not moved the loss off
 # log 2 after 19 steps). With CUDA: the paper's 4000 pairs per split and its learning rates. The implicit
 # conflict needs helpfulness pairs, which ../shared/data lacks: HELPFUL=<jsonl> adds it.
-REAL_DATA ?= ../shared/data/hh-single-turn
-REAL_WEAK ?= models/smollm2-135m-instruct:first8
-REAL_STRONG ?= models/smollm2-135m-instruct
-cuda = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))")
-REAL_N ?= $(if $(filter 1,$(cuda)),4000,500)
-REAL_PO_N ?= $(if $(filter 1,$(cuda)),4000,200)
-REAL_LR_SCALE ?= $(if $(filter 1,$(cuda)),1,5)
+HH_DATA ?= ../shared/data/hh-single-turn
+HH_WEAK ?= models/smollm2-135m-instruct:first8
+HH_STRONG ?= models/smollm2-135m-instruct
+HH_N ?= $(if $(filter 1,$(cuda)),4000,500)
+HH_PO_N ?= $(if $(filter 1,$(cuda)),4000,200)
+HH_LR_SCALE ?= $(if $(filter 1,$(cuda)),1,5)
 HELPFUL ?=
-REAL_OUT ?= runs/real
-real_args = --data $(REAL_DATA) --weak $(REAL_WEAK) --strong $(REAL_STRONG) --n_gt $(1) --n_w2s $(1) --n_test $(1) \
-      --settings none,explicit$(if $(HELPFUL),$(comma)implicit --helpful $(HELPFUL)) --seed $(SEED) --out_dir $(REAL_OUT)
+HH_OUT ?= runs/real-hh
+hh_args = --data $(HH_DATA) --weak $(HH_WEAK) --strong $(HH_STRONG) --n_gt $(1) --n_w2s $(1) --n_test $(1) \
+      --settings none,explicit$(if $(HELPFUL),$(comma)implicit --helpful $(HELPFUL)) --seed $(SEED) --out_dir $(HH_OUT)
 comma := ,
-lr = $(shell $(PY) -c "print('%g' % ($(1) * $(REAL_LR_SCALE)))")
-.PHONY: real real-dpo real-simpo
-real: models
-	$(PY) rm_w2s.py $(call real_args,$(REAL_N)) --lr $(call lr,1e-5) $(ARGS)
+lr = $(shell $(PY) -c "print('%g' % ($(1) * $(HH_LR_SCALE)))")
+.PHONY: real-hh real-hh-dpo real-hh-simpo
+real-hh: models
+	$(PY) rm_w2s.py $(call hh_args,$(HH_N)) --lr $(call lr,1e-5) $(ARGS)
 # DPO and SimPO hold (rows, tokens, 49k-token vocabulary) fp32 logits: at micro-batch 8 a SmolLM2 SimPO student
 # peaked at 15 GB of memory on the CPU and was killed; micro-batch 2 (same steps, same numbers) fits.
-REAL_PO_MICRO ?= $(if $(filter 1,$(cuda)),8,2)
-real-dpo: models
-	$(PY) dpo_w2s.py $(call real_args,$(REAL_PO_N)) --lr $(call lr,1e-6) --micro_batch $(REAL_PO_MICRO) $(ARGS)
-real-simpo: models
-	$(PY) simpo_w2s.py $(call real_args,$(REAL_PO_N)) --lr $(call lr,1e-6) --micro_batch $(REAL_PO_MICRO) $(ARGS)
+HH_PO_MICRO ?= $(if $(filter 1,$(cuda)),8,2)
+real-hh-dpo: models
+	$(PY) dpo_w2s.py $(call hh_args,$(HH_PO_N)) --lr $(call lr,1e-6) --micro_batch $(HH_PO_MICRO) $(ARGS)
+real-hh-simpo: models
+	$(PY) simpo_w2s.py $(call hh_args,$(HH_PO_N)) --lr $(call lr,1e-6) --micro_batch $(HH_PO_MICRO) $(ARGS)

@@ -346,6 +346,40 @@ def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path, c
     assert "dose.py: left out" in capsys.readouterr().err
 
 
+def test_dose_reads_an_arithmetic_pair_per_tier(tmp_path):
+    """dose.py on --data arith runs: per tier, the ceilings' accuracy and each student's net change in
+    weak-unknown & strong-known against the base student, counted here pair by pair from the tiers arith.py gives
+    the test split."""
+    import arith
+    from tools import dose
+    config = {"data": "arith", "n_gt": 5, "n_w2s": 5, "n_test": 20, "seed": 3}
+    tiers = arith.tiers_of_test_split(config)
+    weak = [i % 3 == 0 for i in range(20)]
+    strong = [i % 5 != 1 for i in range(20)]
+    none = [i % 2 == 0 for i in range(20)]
+    explicit = [i % 4 == 0 for i in range(20)]
+    write_dose_run(tmp_path, "a-base", {**config, "settings": "none,explicit"}, {
+        "weak": weak, "strong": strong, "student-none": none, "student-explicit": explicit})
+    result = dose.document(tmp_path)[1]
+    assert list(result["tiers"]) == list(dict.fromkeys(tiers)) and set(tiers) == set(arith.TIERS)
+    for tier, row in result["tiers"].items():
+        idx = [i for i in range(20) if tiers[i] == tier]
+        assert row["pairs"] == len(idx) == 4
+        assert row["weak"] == pytest.approx(sum(weak[i] for i in idx) / 4)
+        wu_sk = [i for i in idx if not weak[i] and strong[i]]
+        taxed = sum(none[i] and not explicit[i] for i in wu_sk)
+        fixed = sum(explicit[i] and not none[i] for i in wu_sk)
+        a = row["students"]["alpha 0.5"]
+        assert (a["n"], a["taxed"], a["fixed"]) == (len(wu_sk), taxed, fixed)
+        assert a["net"] == (pytest.approx((taxed - fixed) / len(wu_sk)) if wu_sk else None)
+    dose.main([str(tmp_path)])
+    text = (tmp_path / "dose.md").read_text()
+    assert "| student | tier | n | net change in WU ∩ SK | McNemar p |" in text and "| alpha 0.5 | add2 |" in text
+    write_dose_run(tmp_path / "hh", "a-base", {"settings": "none,explicit"}, {  # other data: no per-tier part
+        "weak": weak, "strong": strong, "student-none": none, "student-explicit": explicit})
+    assert "tiers" not in dose.document(tmp_path / "hh")[1]
+
+
 def test_dose_reads_a_folder_of_several_pairs_pair_by_pair(tmp_path):
     """dose.py on a folder of several weak/strong pairs (a ladder, seeds): each pair's runs are read together (they
     differ only in alpha and --student_seed), one section and one figure per pair, headed by what tells the pairs

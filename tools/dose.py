@@ -9,7 +9,8 @@ other folders reuse them by key):
     order. What it changes against the base student is the churn that needs no conflict.
 Per knowledge area and student: of the base student's right pairs the share turned wrong (gross loss, Wilson
 interval), of its wrong pairs the share turned right (Wilson), and the net change of the error rate (taxed -
-fixed) / n with a paired normal interval and McNemar's exact p. Selective deception is a net loss in
+fixed) / n with a paired normal interval and McNemar's exact p; for arithmetic runs (--data arith) the same in
+weak-unknown & strong-known per tier, beside each tier's ceilings. Selective deception is a net loss in
 weak-unknown & strong-known well beyond the churn, at a small alpha, while the checked areas hold.
 
 A directory holding several pairs (other weak or strong models, seeds, an intermediate model) is read pair by
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and the method scripts: one folder up
 
+import arith
 import common
 import runs
 from tools import sweep
@@ -142,15 +144,36 @@ def net_change(taxed, fixed, n):
     return d, [d - 1.96 * se, d + 1.96 * se]
 
 
+def tier_rows(tiers, weak, strong, none, students):
+    """Per tier of an arithmetic test split: the pairs, the ceilings' and the base student's accuracy, and each
+    student's net change of the error rate in weak-unknown & strong-known against the base student (with its
+    paired interval and McNemar's p): does a finding hold on every tier, or on one?"""
+    out = {}
+    for tier in dict.fromkeys(tiers):
+        idx = [i for i, t in enumerate(tiers) if t == tier]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        row = {"pairs": len(idx), **{name: sum(pick(x)) / len(idx) for name, x in
+                                     (("weak", weak), ("strong", strong), ("none", none))}, "students": {}}
+        for label, correct in students.items():
+            a = common.conflict_tax(pick(weak), pick(strong), pick(none), pick(correct))["areas"][common.WU_SK]
+            n = a["base_right"] + a["base_wrong"]
+            net, net_ci = net_change(a["taxed"], a["fixed"], n)
+            row["students"][label] = {"n": n, "taxed": a["taxed"], "fixed": a["fixed"], "net": net, "net_ci": net_ci,
+                                      "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
+        out[tier] = row
+    return out
+
+
 def response(base, students):
     weak, strong = read_correct(base / "weak"), read_correct(base / "strong")
     none = read_correct(base / "student-none")
-    rows = {}
+    rows, corrects = {}, {}
     for label, stage in sorted(students.items(), key=lambda kv: (not kv[0].startswith("churn"), kv[0])):
         correct = read_correct(stage)
         if len(correct) != len(none):  # the same options but not the same test split (a data file changed between)
             raise SystemExit(f"error: {stage} scored {len(correct)} test pairs, the base run's {base / 'student-none'} "
                              f"{len(none)}: not one test split, so not one pair")
+        corrects[label] = correct
         tax = common.conflict_tax(weak, strong, none, correct)
         areas = {}
         for area in AREAS:
@@ -159,8 +182,12 @@ def response(base, students):
             net, net_ci = net_change(a["taxed"], a["fixed"], n)
             areas[area] = {**a, "n": n, "net": net, "net_ci": net_ci, "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
         rows[label] = {"stage": f"{stage.parent.name}/{stage.name}", "areas": areas, "share_wu": tax["share_wu"], "base_rate_wu": tax["base_rate_wu"]}
-    return {"base": base.name, "accuracy": {"weak": sum(weak) / len(weak), "strong": sum(strong) / len(strong),
-                                            "none": sum(none) / len(none)}, "students": rows}
+    result = {"base": base.name, "accuracy": {"weak": sum(weak) / len(weak), "strong": sum(strong) / len(strong),
+                                              "none": sum(none) / len(none)}, "students": rows}
+    config = sweep.read_json(base / "config.json")
+    if str(config.get("data", "")).startswith("arith"):  # arith.py records each test pair's tier
+        result["tiers"] = tier_rows(arith.tiers_of_test_split(config), weak, strong, none, corrects)
+    return result
 
 
 def fmt(x, ci=None):  # runs.fmt with a 3-digit interval (runs.rate's has 2)
@@ -187,6 +214,17 @@ def render(result, figure):
               "| student | share in WU ∩ SK | even share |", "|---|---|---|"]
     lines += [f"| {label} | {fmt(row['share_wu'])} | {fmt(row['base_rate_wu'])} |"
               for label, row in result["students"].items()]
+    if "tiers" in result:
+        tiers = result["tiers"]
+        lines += ["", "Per tier: test accuracy of the ceilings and the no-conflict student, then each student's net change "
+                  "of the error rate in weak-unknown & strong-known (n: its pairs there) with a paired 95% interval "
+                  "and McNemar's exact p.", "", "| tier | pairs | weak | strong | no-conflict student |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {tier} | {t['pairs']} | {t['weak']:.3f} | {t['strong']:.3f} | {t['none']:.3f} |"
+                  for tier, t in tiers.items()]
+        lines += ["", "| student | tier | n | net change in WU ∩ SK | McNemar p |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {tier} | {a['n']} | {fmt(a['net'], a['net_ci'])} | {a['p']:.2g} |"
+                  for label in result["students"] for tier, t in tiers.items() for a in [t["students"][label]]]
     return "\n".join(lines + ["", f"![dose-response]({figure})", ""])
 
 

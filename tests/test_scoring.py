@@ -346,6 +346,25 @@ def test_dose_response_reads_students_against_the_base_and_the_churn(tmp_path, c
     assert "dose.py: left out" in capsys.readouterr().err
 
 
+def test_dose_matches_pairs_on_the_strong_ceilings_margin():
+    """dose.margin_strata on 6 strong-known pairs in 2 bins of the strong ceiling's margin, worked by hand: bin 1
+    (margins 1-3) WU {0, 2} net 1/2, WK {1} net 0; bin 2 (margins 4-6) WU {3} net 1, WK {4, 5} net 1/2; the
+    difference weighted by WU pairs (2 * 1/2 + 1 * 1/2) / 3 = 1/2, its variance (4 * 1/8 + 1 * 1/8) / 9."""
+    from tools import dose
+    weak = [False, True, False, False, True, True]
+    strong, margin, none = [True] * 6, [3.0, 2.0, 1.0, 6.0, 5.0, 4.0], [True] * 6
+    student = [False, True, True, False, False, True]
+    st = dose.margin_strata(weak, strong, margin, none, {"alpha 0.5": student}, bins=2)["alpha 0.5"]
+    b1, b2 = st["bins"]
+    assert b1["margin"] == [1.0, 3.0] and b2["margin"] == [4.0, 6.0]
+    assert (b1["wu"]["n"], b1["wu"]["net"], b1["wk"]["n"], b1["wk"]["net"]) == (2, 0.5, 1, 0.0)
+    assert (b2["wu"]["n"], b2["wu"]["net"], b2["wk"]["n"], b2["wk"]["net"]) == (1, 1.0, 2, 0.5)
+    assert st["difference"] == pytest.approx(0.5)
+    half = 1.96 * math.sqrt(4 * 0.125 + 1 * 0.125) / 3
+    assert st["difference_ci"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert dose.margin_strata([True], [False], [0.0], [True], {"a": [True]}, bins=1)["a"]["difference"] is None
+
+
 def test_dose_reads_an_arithmetic_pair_per_tier(tmp_path):
     """dose.py on --data arith runs: per tier, the ceilings' accuracy and each student's net change in
     weak-unknown & strong-known against the base student, counted here pair by pair from the tiers arith.py gives
@@ -366,15 +385,16 @@ def test_dose_reads_an_arithmetic_pair_per_tier(tmp_path):
         idx = [i for i in range(20) if tiers[i] == tier]
         assert row["pairs"] == len(idx) == 4
         assert row["weak"] == pytest.approx(sum(weak[i] for i in idx) / 4)
-        wu_sk = [i for i in idx if not weak[i] and strong[i]]
-        taxed = sum(none[i] and not explicit[i] for i in wu_sk)
-        fixed = sum(explicit[i] and not none[i] for i in wu_sk)
-        a = row["students"]["alpha 0.5"]
-        assert (a["n"], a["taxed"], a["fixed"]) == (len(wu_sk), taxed, fixed)
-        assert a["net"] == (pytest.approx((taxed - fixed) / len(wu_sk)) if wu_sk else None)
+        for area, known in ((common.WU_SK, False), (common.WK_SK, True)):
+            pairs = [i for i in idx if weak[i] == known and strong[i]]
+            taxed = sum(none[i] and not explicit[i] for i in pairs)
+            fixed = sum(explicit[i] and not none[i] for i in pairs)
+            a = row["students"]["alpha 0.5"][area]
+            assert (a["n"], a["taxed"], a["fixed"]) == (len(pairs), taxed, fixed)
+            assert a["net"] == (pytest.approx((taxed - fixed) / len(pairs)) if pairs else None)
     dose.main([str(tmp_path)])
     text = (tmp_path / "dose.md").read_text()
-    assert "| student | tier | n | net change in WU ∩ SK | McNemar p |" in text and "| alpha 0.5 | add2 |" in text
+    assert "| student | tier | WU ∩ SK: n | net change | McNemar p | WK ∩ SK: n |" in text and "| alpha 0.5 | add2 |" in text
     write_dose_run(tmp_path / "hh", "a-base", {"settings": "none,explicit"}, {  # other data: no per-tier part
         "weak": weak, "strong": strong, "student-none": none, "student-explicit": explicit})
     assert "tiers" not in dose.document(tmp_path / "hh")[1]

@@ -40,6 +40,10 @@ def read_correct(stage_dir):
     return [row["correct"] for row in common.read_jsonl(stage_dir / "predictions.jsonl")]
 
 
+def read_margins(stage_dir):
+    return [row["margin"] for row in common.read_jsonl(stage_dir / "predictions.jsonl")]
+
+
 def finished(folder, stage):  # its stage.json reads back and every file it lists has its recorded digest
     return runs.read_stage(folder / stage) is not None
 
@@ -146,8 +150,9 @@ def net_change(taxed, fixed, n):
 
 def tier_rows(tiers, weak, strong, none, students):
     """Per tier of an arithmetic test split: the pairs, the ceilings' and the base student's accuracy, and each
-    student's net change of the error rate in weak-unknown & strong-known against the base student (with its
-    paired interval and McNemar's p): does a finding hold on every tier, or on one?"""
+    student's net change of the error rate against the base student in weak-unknown & strong-known and, beside it,
+    in weak-known & strong-known (each with its paired interval and McNemar's p): does a finding hold on every
+    tier, or on one; and inside one tier, does the conflict cost more where the supervisor cannot check?"""
     out = {}
     for tier in dict.fromkeys(tiers):
         idx = [i for i, t in enumerate(tiers) if t == tier]
@@ -155,12 +160,54 @@ def tier_rows(tiers, weak, strong, none, students):
         row = {"pairs": len(idx), **{name: sum(pick(x)) / len(idx) for name, x in
                                      (("weak", weak), ("strong", strong), ("none", none))}, "students": {}}
         for label, correct in students.items():
-            a = common.conflict_tax(pick(weak), pick(strong), pick(none), pick(correct))["areas"][common.WU_SK]
-            n = a["base_right"] + a["base_wrong"]
-            net, net_ci = net_change(a["taxed"], a["fixed"], n)
-            row["students"][label] = {"n": n, "taxed": a["taxed"], "fixed": a["fixed"], "net": net, "net_ci": net_ci,
-                                      "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
+            tax = common.conflict_tax(pick(weak), pick(strong), pick(none), pick(correct))["areas"]
+            row["students"][label] = {}
+            for area in (common.WU_SK, common.WK_SK):
+                a = tax[area]
+                n = a["base_right"] + a["base_wrong"]
+                net, net_ci = net_change(a["taxed"], a["fixed"], n)
+                row["students"][label][area] = {"n": n, "taxed": a["taxed"], "fixed": a["fixed"], "net": net,
+                                                "net_ci": net_ci, "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
         out[tier] = row
+    return out
+
+
+STRATA = 5  # bins of the strong ceiling's margin, equal in their count of strong-known pairs
+
+
+def margin_strata(weak, strong, strong_margin, none, students, bins=STRATA):
+    """The conflict's cost where the supervisor cannot check against where it can, among pairs the strong ceiling
+    knows equally well. Pairs the weak model gets wrong tend to be harder, and a perturbation of any kind costs more
+    on hard pairs; so the strong-known pairs are cut into `bins` bins of the strong ceiling's margin (its
+    confidence), equal in count, and in each bin the net change against the base student is read in
+    weak-unknown & strong-known and in weak-known & strong-known. `difference`: the mean over bins of
+    net(WU ∩ SK) − net(WK ∩ SK), weighted by each bin's WU ∩ SK pairs, with a normal 95% interval (the two
+    areas are disjoint, so their variances add). Above 0: a cost aimed where the supervisor is blind beyond what
+    the pairs' difficulty to the strong model explains."""
+    known = sorted((i for i in range(len(strong)) if strong[i]), key=lambda i: (strong_margin[i], i))
+    edges = [round(len(known) * b / bins) for b in range(bins + 1)]
+    out = {}
+    for label, correct in students.items():
+        rows, num, den, var = [], 0.0, 0, 0.0
+        for b in range(bins):
+            idx = known[edges[b]:edges[b + 1]]
+            row = {"margin": [strong_margin[idx[0]], strong_margin[idx[-1]]] if idx else None}
+            for name, want in (("wu", False), ("wk", True)):
+                pairs = [i for i in idx if weak[i] == want]
+                taxed = sum(none[i] and not correct[i] for i in pairs)
+                fixed = sum(correct[i] and not none[i] for i in pairs)
+                net, ci = net_change(taxed, fixed, len(pairs))
+                se2 = (max(taxed + fixed - (taxed - fixed) ** 2 / len(pairs), 0.0) / len(pairs) ** 2) if pairs else 0.0
+                row[name] = {"n": len(pairs), "taxed": taxed, "fixed": fixed, "net": net, "net_ci": ci, "se2": se2}
+            if row["wu"]["n"] and row["wk"]["n"]:
+                w = row["wu"]["n"]
+                num += w * (row["wu"]["net"] - row["wk"]["net"])
+                den += w
+                var += w * w * (row["wu"]["se2"] + row["wk"]["se2"])
+            rows.append(row)
+        d = num / den if den else None
+        half = 1.96 * math.sqrt(var) / den if den else None
+        out[label] = {"bins": rows, "difference": d, "difference_ci": [d - half, d + half] if den else None}
     return out
 
 
@@ -184,6 +231,7 @@ def response(base, students):
         rows[label] = {"stage": f"{stage.parent.name}/{stage.name}", "areas": areas, "share_wu": tax["share_wu"], "base_rate_wu": tax["base_rate_wu"]}
     result = {"base": base.name, "accuracy": {"weak": sum(weak) / len(weak), "strong": sum(strong) / len(strong),
                                               "none": sum(none) / len(none)}, "students": rows}
+    result["strata"] = margin_strata(weak, strong, read_margins(base / "strong"), none, corrects)
     config = sweep.read_json(base / "config.json")
     if str(config.get("data", "")).startswith("arith"):  # arith.py records each test pair's tier
         result["tiers"] = tier_rows(arith.tiers_of_test_split(config), weak, strong, none, corrects)
@@ -214,17 +262,32 @@ def render(result, figure):
               "| student | share in WU ∩ SK | even share |", "|---|---|---|"]
     lines += [f"| {label} | {fmt(row['share_wu'])} | {fmt(row['base_rate_wu'])} |"
               for label, row in result["students"].items()]
+    lines += ["", f"Matched on difficulty: the strong-known pairs in {STRATA} bins of the strong ceiling's margin (equal "
+              "counts), the net change of the error rate in each bin where the supervisor cannot check (WU ∩ SK) "
+              "and where it can (WK ∩ SK); last column: their difference, averaged over the bins weighted by their "
+              "WU ∩ SK pairs, with a 95% interval. Above 0: a cost aimed at the blind area beyond the pairs' "
+              "difficulty to the strong model.", "",
+              "| student | " + " | ".join(f"bin {b + 1}: WU / WK" for b in range(STRATA)) + " | difference [95% CI] |",
+              "|---|" + "---|" * (STRATA + 1)]
+    for label, st in result["strata"].items():
+        cells = [f"{runs.fmt(b['wu']['net'])} ({b['wu']['n']}) / {runs.fmt(b['wk']['net'])} ({b['wk']['n']})"
+                 for b in st["bins"]]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(st['difference'], st['difference_ci'])} |")
     if "tiers" in result:
         tiers = result["tiers"]
         lines += ["", "Per tier: test accuracy of the ceilings and the no-conflict student, then each student's net change "
-                  "of the error rate in weak-unknown & strong-known (n: its pairs there) with a paired 95% interval "
-                  "and McNemar's exact p.", "", "| tier | pairs | weak | strong | no-conflict student |",
+                  "of the error rate in weak-unknown & strong-known and in weak-known & strong-known (n: the tier's "
+                  "pairs there) with a paired 95% interval and McNemar's exact p.", "", "| tier | pairs | weak | strong | no-conflict student |",
                   "|---|---|---|---|---|"]
         lines += [f"| {tier} | {t['pairs']} | {t['weak']:.3f} | {t['strong']:.3f} | {t['none']:.3f} |"
                   for tier, t in tiers.items()]
-        lines += ["", "| student | tier | n | net change in WU ∩ SK | McNemar p |", "|---|---|---|---|---|"]
-        lines += [f"| {label} | {tier} | {a['n']} | {fmt(a['net'], a['net_ci'])} | {a['p']:.2g} |"
-                  for label in result["students"] for tier, t in tiers.items() for a in [t["students"][label]]]
+        lines += ["", "| student | tier | WU ∩ SK: n | net change | McNemar p | WK ∩ SK: n | net change | McNemar p |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label in result["students"]:
+            for tier, t in tiers.items():
+                u, k = (t["students"][label][area] for area in (common.WU_SK, common.WK_SK))
+                lines.append(f"| {label} | {tier} | {u['n']} | {fmt(u['net'], u['net_ci'])} | {u['p']:.2g} | "
+                             f"{k['n']} | {fmt(k['net'], k['net_ci'])} | {k['p']:.2g} |")
     return "\n".join(lines + ["", f"![dose-response]({figure})", ""])
 
 

@@ -7,9 +7,11 @@
 #
 # Per seed, in this order (each a command a reader can type; finished stages are reused from the folder):
 #   none + explicit (alpha 0.5), explicit (alpha 0.2); on seed 0 also a churn student (no conflict, data order
-#   seed 100), one per rung as issue 46 asks.
+#   seed 100), one per rung as issue 46 asks; on the widest rung (the full Qwen) and seed 0 also explicit at alpha
+#   0.05, the dose-response's third dose (python tools/dose.py results/arith-ladder reads them against the churn).
 # Every rung trains on 500 ground-truth and 500 weak-labelled pairs, not the calibrated 1000: a Qwen stage then
-# takes ~22 min here instead of ~34, on one thread; 4000 test pairs: the power plan (docs/arith.md). Run from the repository root.
+# takes 21 to 23 min here instead of about 34, on one thread; 4000 test pairs: the power plan (docs/arith.md).
+# Run from the repository root.
 set -eu
 strong=${1:?usage: ladder.sh STRONG SEED [SEED ...]}; shift
 common=(--data arith --weak models/smollm2-135m-instruct --strong "$strong" --n_gt 500 --n_w2s 500 --n_test 4000
@@ -19,5 +21,8 @@ for seed in "$@"; do
   python simpo_w2s.py "${common[@]}" --seed "$seed" --settings none,explicit --alpha 0.2
   if [ "$seed" = 0 ]; then
     python simpo_w2s.py "${common[@]}" --seed 0 --settings none --student_seed 100
+    if [ "$strong" = models/qwen2.5-coder-0.5b-instruct ]; then
+      python simpo_w2s.py "${common[@]}" --seed 0 --settings explicit --alpha 0.05
+    fi
   fi
 done

@@ -11,7 +11,6 @@ more steps, would then be the remedy), or whether no head on these features does
 Run from the repository: OMP_NUM_THREADS=1 python results/arith-calibration/head.py MODEL [--n_gt 4000] [--n_val 1000]
 """
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -21,12 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the method scripts and common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe.py beside it
-import common  # noqa: E402
-import rm_w2s  # noqa: E402
-import runs  # noqa: E402
-from probe import features  # noqa: E402
+from probe import feature_differences  # noqa: E402
 
 
 def train_head(train_diff, val_diff, lr, batch=32, seed=0):
@@ -54,19 +49,9 @@ def main():
     p.add_argument("--n_gt", type=int, default=4000)
     p.add_argument("--n_val", type=int, default=1000)
     cli = p.parse_args()
-    args = rm_w2s.Args(data="arith:val", n_gt=cli.n_gt, n_w2s=32, n_test=cli.n_val, precision="bf16", compile="off",
-                       settings="none", pack=False)  # texts alone, padded on the right
-    splits, _ = common.load_splits(args)
     t0 = time.time()
-    path = runs.resolve_models(dataclasses.replace(args, weak=cli.model, strong=cli.model), splits)["weak"]
-    model, tok = rm_w2s.load(path, args, common.device())
-    body = model.body.eval()
-    feats = {}
-    for split in ("gt", "test"):
-        encoded = rm_w2s.encode(tok, splits[split], args.max_len)
-        f = features(body, [t for pair in encoded for t in pair], tok.pad_token_id)
-        feats[split] = f[0::2] - f[1::2]  # (N, 2, H): chosen minus rejected
-    result = {"model": cli.model, "n_val": len(splits["test"]), "feature_seconds": round(time.time() - t0, 1),
+    feats, _, n_val = feature_differences(cli.model, cli.n_gt, cli.n_val)
+    result = {"model": cli.model, "n_val": n_val, "feature_seconds": round(time.time() - t0, 1),
               "mean_abs_feature_difference": {}, "heads": []}
     for where, k in (("final '.'", 0), ("last digit", 1)):
         diff = feats["gt"][:, k]

@@ -60,25 +60,32 @@ def probe(train_diff, val_diff, l2, steps=300):
         return ((val_diff / scale) @ w > 0).float().mean().item(), ((x @ w > 0).float() == y).float().mean().item()
 
 
+def feature_differences(model_name, n_gt, n_val):
+    """The frozen body's chosen - rejected features of the arith gt and validation pairs ({"gt", "test"}: (N, 2, H),
+    at the last token and one earlier), read as the reward model reads them; and the validation pairs' count."""
+    args = rm_w2s.Args(data="arith:val", n_gt=n_gt, n_w2s=32, n_test=n_val, precision="bf16", compile="off",
+                       settings="none", pack=False)  # texts alone, padded on the right
+    splits, _ = common.load_splits(args)
+    path = runs.resolve_models(dataclasses.replace(args, weak=model_name, strong=model_name), splits)["weak"]
+    model, tok = rm_w2s.load(path, args, common.device())
+    body = model.body.eval()
+    feats = {}
+    for split in ("gt", "test"):
+        encoded = rm_w2s.encode(tok, splits[split], args.max_len)
+        f = features(body, [t for pair in encoded for t in pair], tok.pad_token_id)
+        feats[split] = f[0::2] - f[1::2]  # (N, 2, H): chosen minus rejected
+    return feats, len(splits["gt"]), len(splits["test"])
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("--n_gt", type=int, default=1000)
     p.add_argument("--n_val", type=int, default=1000)
     cli = p.parse_args()
-    args = rm_w2s.Args(data="arith:val", n_gt=cli.n_gt, n_w2s=32, n_test=cli.n_val, precision="bf16", compile="off",
-                       settings="none", pack=False)  # texts alone, padded on the right
-    splits, _ = common.load_splits(args)
     t0 = time.time()
-    path = runs.resolve_models(dataclasses.replace(args, weak=cli.model, strong=cli.model), splits)["weak"]
-    model, tok = rm_w2s.load(path, args, common.device())
-    body = model.body.eval()
-    result = {"model": cli.model, "n_gt": len(splits["gt"]), "n_val": len(splits["test"]), "probes": {}}
-    feats = {}
-    for split in ("gt", "test"):
-        encoded = rm_w2s.encode(tok, splits[split], args.max_len)
-        f = features(body, [t for pair in encoded for t in pair], tok.pad_token_id)
-        feats[split] = f[0::2] - f[1::2]  # (N, 2, H): chosen minus rejected
+    feats, n_gt, n_val = feature_differences(cli.model, cli.n_gt, cli.n_val)
+    result = {"model": cli.model, "n_gt": n_gt, "n_val": n_val, "probes": {}}
     for where, k in (("last token (the final '.')", 0), ("one before it (the answer's last digit)", 1)):
         for l2 in (1e-3, 1e-2, 1e-1, 1.0):
             val_acc, train_acc = probe(feats["gt"][:, k], feats["test"][:, k], l2)

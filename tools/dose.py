@@ -40,10 +40,6 @@ def read_correct(stage_dir):
     return [row["correct"] for row in common.read_jsonl(stage_dir / "predictions.jsonl")]
 
 
-def read_margins(stage_dir):
-    return [row["margin"] for row in common.read_jsonl(stage_dir / "predictions.jsonl")]
-
-
 def finished(folder, stage):  # its stage.json reads back and every file it lists has its recorded digest
     return runs.read_stage(folder / stage) is not None
 
@@ -139,13 +135,37 @@ def find_runs(run_list):
     return base, students, [(folder, why.get(folder, "not read")) for folder, _, _ in run_list if folder not in used]
 
 
+def paired_se(taxed, fixed, n):
+    """The standard error of (taxed - fixed) / n over n paired pairs (normal approximation)."""
+    return math.sqrt(max(taxed + fixed - (taxed - fixed) ** 2 / n, 0.0)) / n
+
+
 def net_change(taxed, fixed, n):
     """(taxed - fixed) / n, the change of the error rate in an area, with a paired normal 95% interval."""
     if n == 0:
         return None, None
     d = (taxed - fixed) / n
-    se = math.sqrt(max(taxed + fixed - (taxed - fixed) ** 2 / n, 0.0)) / n
+    se = paired_se(taxed, fixed, n)
     return d, [d - 1.96 * se, d + 1.96 * se]
+
+
+def area_change(a):
+    """An area of common.conflict_tax with its pairs, the net change of the error rate (net_change) and McNemar's p."""
+    n = a["base_right"] + a["base_wrong"]
+    net, net_ci = net_change(a["taxed"], a["fixed"], n)
+    return {**a, "n": n, "net": net, "net_ci": net_ci, "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
+
+
+COMPACT = ("n", "taxed", "fixed", "net", "net_ci", "p")  # what a per-tier or per-bin row keeps of area_change
+
+
+def changes_on(idx, weak, strong, none, correct):
+    """area_change in weak-unknown & strong-known and in weak-known & strong-known over the test pairs `idx` only,
+    each with the counts and the change alone (COMPACT)."""
+    pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+    areas = common.conflict_tax(pick(weak), pick(strong), pick(none), pick(correct))["areas"]
+    changes = {area: area_change(areas[area]) for area in (common.WU_SK, common.WK_SK)}
+    return {area: {k: a[k] for k in COMPACT} for area, a in changes.items()}
 
 
 def tier_rows(tiers, weak, strong, none, students):
@@ -156,19 +176,10 @@ def tier_rows(tiers, weak, strong, none, students):
     out = {}
     for tier in dict.fromkeys(tiers):
         idx = [i for i, t in enumerate(tiers) if t == tier]
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        row = {"pairs": len(idx), **{name: sum(pick(x)) / len(idx) for name, x in
-                                     (("weak", weak), ("strong", strong), ("none", none))}, "students": {}}
-        for label, correct in students.items():
-            tax = common.conflict_tax(pick(weak), pick(strong), pick(none), pick(correct))["areas"]
-            row["students"][label] = {}
-            for area in (common.WU_SK, common.WK_SK):
-                a = tax[area]
-                n = a["base_right"] + a["base_wrong"]
-                net, net_ci = net_change(a["taxed"], a["fixed"], n)
-                row["students"][label][area] = {"n": n, "taxed": a["taxed"], "fixed": a["fixed"], "net": net,
-                                                "net_ci": net_ci, "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
-        out[tier] = row
+        out[tier] = {"pairs": len(idx), **{name: sum(x[i] for i in idx) / len(idx) for name, x in
+                                           (("weak", weak), ("strong", strong), ("none", none))},
+                     "students": {label: changes_on(idx, weak, strong, none, correct)
+                                  for label, correct in students.items()}}
     return out
 
 
@@ -185,26 +196,19 @@ def margin_strata(weak, strong, strong_margin, none, students, bins=STRATA):
     areas are disjoint, so their variances add). Above 0: a cost aimed where the supervisor is blind beyond what
     the pairs' difficulty to the strong model explains."""
     known = sorted((i for i in range(len(strong)) if strong[i]), key=lambda i: (strong_margin[i], i))
-    edges = [round(len(known) * b / bins) for b in range(bins + 1)]
+    groups = [known[round(len(known) * b / bins):round(len(known) * (b + 1) / bins)] for b in range(bins)]
     out = {}
     for label, correct in students.items():
         rows, num, den, var = [], 0.0, 0, 0.0
-        for b in range(bins):
-            idx = known[edges[b]:edges[b + 1]]
-            row = {"margin": [strong_margin[idx[0]], strong_margin[idx[-1]]] if idx else None}
-            for name, want in (("wu", False), ("wk", True)):
-                pairs = [i for i in idx if weak[i] == want]
-                taxed = sum(none[i] and not correct[i] for i in pairs)
-                fixed = sum(correct[i] and not none[i] for i in pairs)
-                net, ci = net_change(taxed, fixed, len(pairs))
-                se2 = (max(taxed + fixed - (taxed - fixed) ** 2 / len(pairs), 0.0) / len(pairs) ** 2) if pairs else 0.0
-                row[name] = {"n": len(pairs), "taxed": taxed, "fixed": fixed, "net": net, "net_ci": ci, "se2": se2}
-            if row["wu"]["n"] and row["wk"]["n"]:
-                w = row["wu"]["n"]
-                num += w * (row["wu"]["net"] - row["wk"]["net"])
-                den += w
-                var += w * w * (row["wu"]["se2"] + row["wk"]["se2"])
-            rows.append(row)
+        for idx in groups:
+            ch = changes_on(idx, weak, strong, none, correct)
+            wu, wk = ch[common.WU_SK], ch[common.WK_SK]
+            margins = [strong_margin[idx[0]], strong_margin[idx[-1]]] if idx else None
+            rows.append({"margin": margins, "wu": wu, "wk": wk})
+            if wu["n"] and wk["n"]:
+                num += wu["n"] * (wu["net"] - wk["net"])
+                den += wu["n"]
+                var += wu["n"] ** 2 * sum(paired_se(a["taxed"], a["fixed"], a["n"]) ** 2 for a in (wu, wk))
         d = num / den if den else None
         half = 1.96 * math.sqrt(var) / den if den else None
         out[label] = {"bins": rows, "difference": d, "difference_ci": [d - half, d + half] if den else None}
@@ -212,8 +216,9 @@ def margin_strata(weak, strong, strong_margin, none, students, bins=STRATA):
 
 
 def response(base, students):
-    weak, strong = read_correct(base / "weak"), read_correct(base / "strong")
-    none = read_correct(base / "student-none")
+    weak, none = read_correct(base / "weak"), read_correct(base / "student-none")
+    strong_rows = common.read_jsonl(base / "strong" / "predictions.jsonl")
+    strong = [row["correct"] for row in strong_rows]
     rows, corrects = {}, {}
     for label, stage in sorted(students.items(), key=lambda kv: (not kv[0].startswith("churn"), kv[0])):
         correct = read_correct(stage)
@@ -222,16 +227,11 @@ def response(base, students):
                              f"{len(none)}: not one test split, so not one pair")
         corrects[label] = correct
         tax = common.conflict_tax(weak, strong, none, correct)
-        areas = {}
-        for area in AREAS:
-            a = tax["areas"][area]
-            n = a["base_right"] + a["base_wrong"]
-            net, net_ci = net_change(a["taxed"], a["fixed"], n)
-            areas[area] = {**a, "n": n, "net": net, "net_ci": net_ci, "p": common.mcnemar_exact(a["taxed"], a["fixed"])}
+        areas = {area: area_change(tax["areas"][area]) for area in AREAS}
         rows[label] = {"stage": f"{stage.parent.name}/{stage.name}", "areas": areas, "share_wu": tax["share_wu"], "base_rate_wu": tax["base_rate_wu"]}
     result = {"base": base.name, "accuracy": {"weak": sum(weak) / len(weak), "strong": sum(strong) / len(strong),
                                               "none": sum(none) / len(none)}, "students": rows}
-    result["strata"] = margin_strata(weak, strong, read_margins(base / "strong"), none, corrects)
+    result["strata"] = margin_strata(weak, strong, [row["margin"] for row in strong_rows], none, corrects)
     config = sweep.read_json(base / "config.json")
     if str(config.get("data", "")).startswith("arith"):  # arith.py records each test pair's tier
         result["tiers"] = tier_rows(arith.tiers_of_test_split(config), weak, strong, none, corrects)
@@ -262,11 +262,11 @@ def render(result, figure):
               "| student | share in WU ∩ SK | even share |", "|---|---|---|"]
     lines += [f"| {label} | {fmt(row['share_wu'])} | {fmt(row['base_rate_wu'])} |"
               for label, row in result["students"].items()]
-    lines += ["", f"Matched on difficulty: the strong-known pairs in {STRATA} bins of the strong ceiling's margin (equal "
-              "counts), the net change of the error rate in each bin where the supervisor cannot check (WU ∩ SK) "
-              "and where it can (WK ∩ SK); last column: their difference, averaged over the bins weighted by their "
-              "WU ∩ SK pairs, with a 95% interval. Above 0: a cost aimed at the blind area beyond the pairs' "
-              "difficulty to the strong model.", "",
+    lines += ["", f"Matched on difficulty: the strong-known pairs in {STRATA} bins of the strong ceiling's margin "
+              "(equal counts), the net change of the error rate in each bin where the supervisor cannot check "
+              "(WU ∩ SK) and where it can (WK ∩ SK); last column: their difference, averaged over the bins "
+              "weighted by their WU ∩ SK pairs, with a 95% interval. Above 0: a cost aimed at the blind area "
+              "beyond the pairs' difficulty to the strong model.", "",
               "| student | " + " | ".join(f"bin {b + 1}: WU / WK" for b in range(STRATA)) + " | difference [95% CI] |",
               "|---|" + "---|" * (STRATA + 1)]
     for label, st in result["strata"].items():
@@ -275,10 +275,10 @@ def render(result, figure):
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(st['difference'], st['difference_ci'])} |")
     if "tiers" in result:
         tiers = result["tiers"]
-        lines += ["", "Per tier: test accuracy of the ceilings and the no-conflict student, then each student's net change "
-                  "of the error rate in weak-unknown & strong-known and in weak-known & strong-known (n: the tier's "
-                  "pairs there) with a paired 95% interval and McNemar's exact p.", "", "| tier | pairs | weak | strong | no-conflict student |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Per tier: test accuracy of the ceilings and the no-conflict student, then each student's net "
+                  "change of the error rate in weak-unknown & strong-known and in weak-known & strong-known (n: the "
+                  "tier's pairs there) with a paired 95% interval and McNemar's exact p.", "",
+                  "| tier | pairs | weak | strong | no-conflict student |", "|---|---|---|---|---|"]
         lines += [f"| {tier} | {t['pairs']} | {t['weak']:.3f} | {t['strong']:.3f} | {t['none']:.3f} |"
                   for tier, t in tiers.items()]
         lines += ["", "| student | tier | WU ∩ SK: n | net change | McNemar p | WK ∩ SK: n | net change | McNemar p |",

@@ -54,6 +54,7 @@ class Args:
     weak_max_len: int = 0  # a shorter reading window for the weak model alone (0: max_len)
     # optimization
     lr: float = 1e-5  # peak learning rate (the paper's)
+    head_lr: float = 0.0  # the reward head's own peak rate, on the same schedule (0: --lr, as the paper's code)
     batch_size: int = 32  # pairs per optimizer step
     micro_batch: int = 8  # pairs per forward; gradients accumulate up to batch_size
     epochs: int = 1  # passes over the training pairs
@@ -199,7 +200,13 @@ def train(model, examples, *, pad_id, alpha, args, log_dir, curve=None):
     lengths = [max(common.row_lengths(common.example_texts(e), args.pack)) for e in examples]
     steps = [s for epoch in range(args.epochs) for s in
              common.make_batches(lengths, args.batch_size, args.micro_batch, args.seed + epoch, args.group_by_length)]
-    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay)
+    # the body and the zero-initialised head in two groups, so that --head_lr can give the head its own rate: at one
+    # rate the pretrained body moves both rewards of a pair alike long before the head has found the direction
+    # that tells them apart (docs/arith.md, the reward model)
+    head = {id(p) for p in model.head.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in head], "scale": 1.0},
+              {"params": list(model.head.parameters()), "scale": (args.head_lr or args.lr) / args.lr}]
+    optimizer = common.make_optimizer(groups, args.lr, args.weight_decay)
     model.train()  # dropout is already 0; train mode keeps gradient checkpointing on
     ddp, master = common.world_size() > 1, common.rank() == 0  # torchrun: rank 0 alone logs
     log = open(log_dir / "metrics.jsonl" if master else os.devnull, "w")
@@ -208,7 +215,7 @@ def train(model, examples, *, pad_id, alpha, args, log_dir, curve=None):
     for step, micro_batches in enumerate(bar):
         lr = common.lr_at(step, len(steps), args.lr, args.warmup_ratio, args.schedule)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         n_pairs = sum(len(mb) for mb in micro_batches)
         if ddp:  # this rank's share of the micro-batches, each at gradient scale N (common.rank_share)
             micro_batches = common.rank_share(micro_batches)

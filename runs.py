@@ -82,6 +82,7 @@ def check_args(args):
         ("weak_max_len", lambda v: v == 0 or v >= 3, "0 (same as --max_len) or >= 3"),
         ("lr", lambda v: finite(v) and v > 0, "a finite number > 0"),
         ("sft_lr", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: the same as --lr)"),
+        ("head_lr", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: the same as --lr)"),
         ("batch_size", lambda v: v >= 1, ">= 1"), ("micro_batch", lambda v: v >= 1, ">= 1"),
         ("epochs", lambda v: v >= 1, ">= 1"), ("sft_epochs", lambda v: v >= 0, ">= 0"),
         ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -721,7 +722,7 @@ def render_report(results, title):
     for note in results["notes"]:
         lines += ["", f"Note: {note}"]
     c = results["config"]
-    key_options = [k for k in ("precision", "lr", "epochs", "batch_size", "max_len", "weak_max_len", "warmup_ratio", "grad_clip",
+    key_options = [k for k in ("precision", "lr", "head_lr", "epochs", "batch_size", "max_len", "weak_max_len", "warmup_ratio", "grad_clip",
                                "sft_lr", "sft_epochs", "beta", "gamma", "alpha", "conf_threshold", "hard_labels", "seed")
                    if k in c]
     lines += ["", "Options: " + ", ".join(f"{k}={c[k]}" for k in key_options) + " (all of them: results.json)"]

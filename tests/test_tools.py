@@ -176,6 +176,15 @@ def test_calibrate_table_states_the_sizes_the_runs_used(tmp_path):
     assert [row.split(" | ")[2:4] for row in rows[1:]] == [["64", "2"], ["32", "4"]]
 
 
+def test_calibrate_table_names_the_reward_heads_own_rate(tmp_path):
+    """A run with --head_lr (the reward head's own rate) is told apart from one at the same lr without it."""
+    calibration_run(tmp_path, "rm-cal", [1.0, -1.0], lr=1e-5)
+    calibration_run(tmp_path, "rm-cal-head", [1.0, 1.0], lr=1e-5, head_lr=1e-2)
+    rows = [line.split(" | ")[:3] for line in calibrate.summary(tmp_path).splitlines() if line.startswith("| tiny")]
+    assert rows == [["| tiny:1x32", "1e-05", "0.500 [0.09, 0.91]"], ["| tiny:1x32", "1e-05 (head 0.01)",
+                                                                       "1.000 [0.34, 1.00]"]]
+
+
 def hh_pairs(n, tag, text=""):
     """n distinct HH-style pairs; `text` goes into every chosen response."""
     return [{"chosen": f"\n\nHuman: question {tag} {i}?\n\nAssistant: a careful answer {i}{text}",

@@ -133,6 +133,26 @@ def test_train_one_adamw_step_same_params_for_micro_batch_8_and_4(tiny, tmp_path
     assert moved > 1e-4  # the step did move the weights, so the comparison is not vacuous
 
 
+@pytest.mark.parametrize("head_lr", [0.0, 1e-2])
+def test_head_lr_gives_the_head_its_own_rate(tiny, tmp_path, head_lr):
+    """--head_lr: AdamW's first step moves a weight by its group's rate where the gradient is clearly non-zero
+    (m / sqrt(v) = sign(g) after bias correction): the head by head_lr, the body by lr; 0 keeps one rate."""
+    tok, base = reward_model(tiny)
+    examples = encoded_examples(tok, 8)
+    grads = step_grads(copy.deepcopy(base), examples, [list(range(8))], tok.pad_token_id)
+    model = copy.deepcopy(base)
+    run_train(model, examples, tok.pad_token_id, tmp_path, lr=1e-4, head_lr=head_lr, schedule="constant")
+    moves = {}
+    for (name, p), p0 in zip(model.named_parameters(), base.parameters()):
+        real = grads[name].abs() > 1e-4  # Adam's eps (1e-8) shifts a step by eps / |g|
+        moves.setdefault("head" if name.startswith("head.") else "body", []).append((p - p0)[real].abs())
+    head, body = (torch.cat(moves[k]) for k in ("head", "body"))
+    assert head.numel() > 0.9 * base.head.weight.numel() and body.numel() > 2000
+    # within fp32 rounding of p + step (an ulp of a weight near 1 is 1.2e-7, 0.1% of a step of 1e-4)
+    torch.testing.assert_close(head, torch.full_like(head, head_lr or 1e-4), rtol=2e-3, atol=0)
+    torch.testing.assert_close(body, torch.full_like(body, 1e-4), rtol=2e-3, atol=0)
+
+
 # ---- dpo_w2s.train and simpo_w2s.train
 
 def po_examples(tok, model, n, seed=0):

@@ -191,6 +191,7 @@ def calibration_row(run, config, name, stage):
     m = informativeness([row["margin"] for row in predictions])
     return {"method": calibration.get("method", "rm"),  # runs made before it was recorded: all reward models
             "model": config["weak"], "lr": None if name == "zero-shot" else config["lr"],
+            "head_lr": config.get("head_lr") or None,  # rm --head_lr: the head's own rate (runs before it: none)
             "data": calibration.get("source", "(not recorded)"), "n_train": stage.get("n_train"), "n_val": m.pop("n"),
             **m, "tiers": tier_accuracy(config, predictions), "seconds": stage.get("seconds"),
             "epochs": config.get("epochs", 1), "sft_epochs": config.get("sft_epochs")}  # rm: no SFT
@@ -219,7 +220,7 @@ def calibration_rows(folder):
                     zero_shot_keys.add(stage.get("key"))
     order = list(METHODS)
     return sorted(rows, key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["data"],
-                                       r["model"], r["lr"] is not None, r["lr"] or 0, r["n_train"] or 0,
+                                       r["model"], r["lr"] is not None, r["lr"] or 0, r["head_lr"] or 0, r["n_train"] or 0,
                                        r["n_val"])), left_out
 
 
@@ -302,7 +303,8 @@ def summary(folder):
     cells = []
     for r in rows:
         values = {"method": r["method"], "model": short.get(r["model"], r["model"]),
-                  "lr": "– (zero-shot)" if r["lr"] is None else f"{r['lr']:g}", "data": r["data"],
+                  "lr": "– (zero-shot)" if r["lr"] is None else f"{r['lr']:g}" + (
+                      f" (head {r['head_lr']:g})" if r["head_lr"] else ""), "data": r["data"],
                   "train pairs": "–" if r["lr"] is None else r["n_train"], "validation pairs": r["n_val"]}
         tiers = tier_cells(r["tiers"], with_counts=len(per_tier) > 1) if tiered else []
         cells.append([values[c] for c in columns] + [f"{r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",

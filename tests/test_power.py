@@ -221,3 +221,46 @@ def test_folder_mode_on_synthetic_runs(ladder, tmp_path, capsys):
     wide = result["widest"]
     assert wide["rung"] == "first2 -> first16" and wide["all_positive"] and wide["positive"] == 3
     assert wide["err_wk_sk_rises"] == 1
+
+
+def matched_by_hand(strong, none, explicit, bins=5):
+    """tools/dose.py's difficulty-matched difference recounted: the synthetic strong margins are all equal, so the
+    strong-known pairs fall into bins in index order; per bin the mean of (explicit wrong) - (none wrong) over its
+    WU ∩ SK pairs minus that over its WK ∩ SK pairs, weighted by the WU ∩ SK pairs."""
+    known = [i for i in range(N) if i < STRONG_KNOWN[strong]]
+    num = den = 0
+    for b in range(bins):
+        idx = known[round(len(known) * b / bins):round(len(known) * (b + 1) / bins)]
+        wu, wk = [i for i in idx if i >= WEAK_KNOWN], [i for i in idx if i < WEAK_KNOWN]
+        if wu and wk:
+            net = [sum((not explicit[i]) - (not none[i]) for i in area) / len(area) for area in (wu, wk)]
+            num, den = num + len(wu) * (net[0] - net[1]), den + len(wu)
+    return num / den
+
+
+def test_folder_mode_reads_wk_sk_and_the_matched_difference_across_seeds(ladder, tmp_path):
+    power.main([str(ladder), "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "power.json").read_text())
+    runs = {r["dir"]: r for r in result["runs"]}
+    configs = {g["rung"]: g for g in result["configs"]}
+    for strong, seeds in LADDER.items():
+        matched, wk = [], []
+        for seed, (h, b, c) in enumerate(seeds):
+            none, explicit = students(strong, h, b, c)
+            if strong == "m:first16" and seed == 0:
+                explicit[0] = False
+            r = runs[f"rm-{strong[2:]}-s{seed}"]
+            wk.append(1 / WEAK_KNOWN if strong == "m:first16" and seed == 0 else 0.0)
+            matched.append(matched_by_hand(strong, none, explicit))
+            assert r["delta_err_wk_sk"] == pytest.approx(wk[-1]) and r["matched"] == pytest.approx(matched[-1])
+        g = configs[f"first2 -> {strong[2:]}"]
+        assert g["matched"]["values"] == pytest.approx(matched) and g["wk_sk"]["values"] == pytest.approx(wk)
+        mean, sd = statistics.fmean(matched), statistics.stdev(matched)
+        t = abs(mean) / (sd / math.sqrt(3))
+        assert g["matched"]["mean"] == pytest.approx(mean) and g["matched"]["sd"] == pytest.approx(sd)
+        assert g["matched"]["p"] == pytest.approx(2 * (1 - power.nct_cdf(t, 2)))
+    assert configs["first2 -> first4"]["wk_sk"]["sd"] == 0 and configs["first2 -> first4"]["wk_sk"]["p"] is None
+    text = (tmp_path / "power.md").read_text()
+    g = configs["first2 -> first16"]
+    assert (f"| first2 -> first16 | 0.5 | +0.017, +0.000, +0.000 | +0.006 ± 0.010 {power.interval(g['wk_sk']['ci'])} | "
+            f"{g['wk_sk']['p']:.2g} | " + ", ".join(f"{v:+.3f}" for v in g["matched"]["values"])) in text

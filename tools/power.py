@@ -39,9 +39,11 @@ prints it per run). Test pairs needed = ceil(pairs needed in WU ∩ SK / share).
 The folder mode reads every run folder under FOLDER holding weak, strong, student-none and student-explicit
 predictions (churn runs and unfinished ones are named and left out), groups them by rung (weak, strong,
 intermediate model) and alpha, and writes power.md (its first line the command) and power.json: the numbers above
-per run and per rung, the slope, raw DS of each bootstrapped run's students against the direct run's of the same
-models, alpha and seed, and the widest direct rung's explicit students (ΔDS beside the change of the error in
-WK ∩ SK, the area the supervisor can check).
+per run and per rung; across seeds, beside ΔDS, the change of the error in WK ∩ SK (the area the supervisor can
+check) and the difficulty-matched difference of tools/dose.py (WU ∩ SK minus WK ∩ SK within bins of the strong
+ceiling's margin), each with its t interval and t-test; the slope, raw DS of each bootstrapped run's students
+against the direct run's of the same models, alpha and seed, and the widest direct rung's explicit students (ΔDS
+beside the change of the error in WK ∩ SK).
 
   python tools/power.py results/ladder --out /tmp/ladder-power     # power.md, power.json in --out (default: FOLDER)
   python tools/power.py --plan --weak_acc 0.6 --strong_acc 0.9 [--discordant 0.2] [--delta 0.05] [--sd 0.03]
@@ -58,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and th
 
 import common
 import runs
-from tools import sweep
+from tools import dose, sweep
 
 ALPHA, DELTA, TARGET = 0.05, 0.05, 0.8
 STAGES = ("weak", "strong", "student-none", "student-explicit")
@@ -300,6 +302,8 @@ def measure(folder, config, delta, alpha, target):
         return None, "the stages' predictions.jsonl cover different numbers of test pairs"
     weak, strong, none, explicit = (correct[s] for s in STAGES)
     N = len(weak)
+    strong_margin = [row["margin"] for row in common.read_jsonl(folder / "strong" / "predictions.jsonl")]
+    matched = dose.margin_strata(weak, strong, strong_margin, none, {"explicit": explicit})["explicit"]
     space = {s: common.knowledge_space(weak, strong, correct[f"student-{s}"]) for s in ("none", "explicit")}
     wu_sk = space["none"]["areas"][common.WU_SK]
     n = wu_sk["n"]
@@ -318,6 +322,9 @@ def measure(folder, config, delta, alpha, target):
         "overlap": (wu - n) / wu if wu else None, "overlap_independent": 1 - acc_s,
         "ds_none": space["none"]["ds"], "ds_explicit": space["explicit"]["ds"],
         "err_wk_sk_none": space["none"]["err_wk_sk"], "err_wk_sk_explicit": space["explicit"]["err_wk_sk"],
+        "delta_err_wk_sk": (space["explicit"]["err_wk_sk"] - space["none"]["err_wk_sk"]
+                            if space["none"]["err_wk_sk"] is not None else None),  # None: no pair in WK ∩ SK
+        "matched": matched["difference"], "matched_ci": matched["difference_ci"],
         "b": b, "c": c, "discordant": psi, "delta_ds": (b - c) / n if n else None,
         "p": common.mcnemar_exact(b, c), "power": power,
         "min_delta": mcnemar_min_delta(n, psi, alpha, target) if psi else None,
@@ -349,19 +356,30 @@ def load(root, delta, alpha, target):
 # ----------------------------------------------------------------------------------------------------
 # the folder's findings
 
-def across_seeds(group, delta, alpha, target):
-    values = [r["delta_ds"] for r in group if r["delta_ds"] is not None]
+def t_summary(values):
+    """Mean, sample SD, the mean's 95% t interval and the one-sample t-test's two-sided p against 0 of per-seed
+    values (interval and p: None below 2 seeds or at SD 0)."""
     k = len(values)
     mean = statistics.fmean(values) if values else None
     sd = statistics.stdev(values) if k > 1 else None
     ci = p = None
-    if sd:  # the measured mean's 95% t interval and its t-test p against ΔDS = 0
+    if sd:
         se = sd / math.sqrt(k)
         half = t_quantile(0.975, k - 1) * se
         ci, p = [mean - half, mean + half], min(1.0, 2 * (1 - nct_cdf(abs(mean) / se, k - 1)))
-    return {"seeds": [r["seed"] for r in group], "delta_ds": values, "mean": mean, "sd": sd, "ci": ci, "p": p,
-            "t_power": t_test_power(delta, sd, len(values), alpha) if sd else None,
-            "seeds_needed": seeds_needed(delta, sd, alpha, target) if sd else None}
+    return {"values": values, "mean": mean, "sd": sd, "ci": ci, "p": p}
+
+
+def across_seeds(group, delta, alpha, target):
+    """ΔDS over a configuration's seeds with the t-test's power; beside it the same t summary of the change of the
+    error where the supervisor can check (WK ∩ SK) and of the difficulty-matched difference (tools/dose.py)."""
+    t = t_summary([r["delta_ds"] for r in group if r["delta_ds"] is not None])
+    sd = t["sd"]
+    return {"seeds": [r["seed"] for r in group], "delta_ds": t["values"], "mean": t["mean"], "sd": sd, "ci": t["ci"],
+            "p": t["p"], "t_power": t_test_power(delta, sd, len(t["values"]), alpha) if sd else None,
+            "seeds_needed": seeds_needed(delta, sd, alpha, target) if sd else None,
+            "wk_sk": t_summary([r["delta_err_wk_sk"] for r in group if r["delta_err_wk_sk"] is not None]),
+            "matched": t_summary([r["matched"] for r in group if r["matched"] is not None])}
 
 
 def bootstrapping(measured):
@@ -440,13 +458,13 @@ def summarize(root, delta=DELTA, alpha=ALPHA, target=TARGET):
     wide = None
     if widest is not None:
         students = [{"alpha": r["alpha"], "seed": r["seed"], "delta_ds": r["delta_ds"],
-                     "delta_err_wk_sk": r["err_wk_sk_explicit"] - r["err_wk_sk_none"], "p": r["p"]}
+                     "delta_err_wk_sk": r["delta_err_wk_sk"], "p": r["p"]}
                     for r in sorted(direct, key=lambda r: (-(r["alpha"] or 0), r["seed"] or 0))
                     if r["rung"] == widest["rung"]]
         positive, zero = (sum(s["delta_ds"] > 0 for s in students), sum(s["delta_ds"] == 0 for s in students))
         wide = {"rung": widest["rung"], "students": students, "positive": positive,
                 "all_positive": positive == len(students), "sign_p": sign_p(positive, len(students) - zero),
-                "err_wk_sk_rises": sum(s["delta_err_wk_sk"] > 0 for s in students)}
+                "err_wk_sk_rises": sum((s["delta_err_wk_sk"] or 0) > 0 for s in students)}
     boot = bootstrapping(measured)
     for r in measured:
         del r["correct"]
@@ -501,6 +519,23 @@ def render(result):
     lines += [f"| {label} | {p['configs']} | {p['df']} | {p['sd']:.4f} | {fmt(p['t_power_3'])} | {p['seeds_needed'] or '–'} |"
               for label, p in result["pooled_sd"].items() if p]
 
+    def summary_cells(t):
+        per_seed = ", ".join(f"{v:+.3f}" for v in t["values"]) or "–"
+        if t["mean"] is None:
+            return [per_seed, "–", "–"]
+        return [per_seed, f"{t['mean']:+.3f} ± {fmt(t['sd'])} {interval(t['ci']) if t['ci'] else ''}",
+                f"{t['p']:.2g}" if t["p"] is not None else "–"]
+
+    lines += ["", "Where the supervisor can check, and matched on difficulty: per seed the change of the explicit "
+              "student's error in weak-known ∩ strong-known (WK ∩ SK), and the difference of the net changes, WU ∩ SK "
+              "minus WK ∩ SK, within bins of the strong ceiling's margin (`tools/dose.py`: pairs the weak model misses "
+              "are harder, and any perturbation costs more on hard pairs); mean ± SD [95% t interval] and the t-test's "
+              "p against 0. Selective deception: ΔDS above 0 while WK ∩ SK holds, and a matched difference above 0.",
+              "", "| rung | alpha | WK ∩ SK change per seed | mean ± SD [95% CI] | t-test p | matched difference per "
+              "seed | mean ± SD [95% CI] | t-test p |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['rung']} | {g['alpha']:g} | " + " | ".join(summary_cells(g["wk_sk"]) + summary_cells(g["matched"]))
+              + " |" for g in result["configs"]]
+
     lines += ["", "## ΔDS against the capability gap", "",
               "Ordinary least squares over runs (a run's gap: strong − weak ceiling test accuracy); the slope's 95% "
               "interval (t on m − 2 df); the change of ΔDS that interval allows across the measured gaps (interval × "
@@ -533,7 +568,8 @@ def render(result):
     if w:
         lines += ["", f"## The widest rung, {w['rung']}: every explicit student", "",
                   "| alpha | seed | ΔDS | McNemar p | change of the error in WK ∩ SK |", "|---|---|---|---|---|"]
-        lines += [f"| {s['alpha']:g} | {s['seed']} | {s['delta_ds']:+.3f} | {s['p']:.2g} | {s['delta_err_wk_sk']:+.3f} |"
+        lines += [f"| {s['alpha']:g} | {s['seed']} | {s['delta_ds']:+.3f} | {s['p']:.2g} | "
+                  f"{'–' if s['delta_err_wk_sk'] is None else format(s['delta_err_wk_sk'], '+.3f')} |"
                   for s in w["students"]]
         lines += ["", f"ΔDS > 0 for {w['positive']} of {len(w['students'])} explicit students (two-sided sign-test p "
                   f"{w['sign_p']:.3g}, which overstates the evidence: the students of one seed share their ceilings and "

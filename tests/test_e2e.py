@@ -70,6 +70,22 @@ def data_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def long_data_dir(data_dir, tmp_path_factory):
+    """data_dir where it is the shared copy; where it is the synthetic stand-in, whose texts are all short, a copy
+    in which every 8th chosen response is 40 words longer, so that a short --max_len has texts to cut."""
+    if data_dir == SHARED_DATA / "hh-single-turn":
+        return data_dir
+    root = tmp_path_factory.mktemp("long") / "hh-single-turn"
+    root.mkdir()
+    for path in sorted(data_dir.glob("*.jsonl")):
+        rows = common.read_jsonl(path)
+        for row in rows[7::8]:
+            row["chosen"] += " " + " ".join(["safe"] * 40)
+        write_jsonl(root / path.name, rows)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def record_data(data_dir, record_property):
     record_property("data", str(data_dir))
@@ -603,7 +619,8 @@ def test_bench_model_takes_the_first_k_spelling(data_dir, tmp_path):
     tiny = toy.build_tiny("tiny:2x32", texts, tmp_path / "models", seed=0)
     args = rm_w2s.Args(data=str(data_dir), out_dir=str(tmp_path / "bench"), bench=True, bench_model=f"{tiny}:first1")
     pairs, path = bench.workload(args)
-    assert len(pairs) == bench.BENCH_PAIRS and Path(path).parent == tmp_path / "bench" / "models"
+    gt = common.read_jsonl(data_dir / "harmless_train_gt.jsonl")  # the synthetic file has fewer than 256 pairs
+    assert pairs == gt[:bench.BENCH_PAIRS] and Path(path).parent == tmp_path / "bench" / "models"
     assert AutoConfig.from_pretrained(path).num_hidden_layers == 1
     assert bench.workload(dataclasses.replace(args, bench_model=tiny))[1] == tiny
 
@@ -642,10 +659,10 @@ def test_nan_loss_stops_the_run_naming_stage_and_step(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["rm", "dpo"])
-def test_texts_cut_to_max_len_are_counted_per_stage_and_split(method, data_dir, tmp_path):
+def test_texts_cut_to_max_len_are_counted_per_stage_and_split(method, long_data_dir, tmp_path):
     """A text longer than --max_len is cut (encode_texts); each stage says how many of each split it read were,
     in results.json and the report, counted here by encoding every text whole."""
-    module = {"rm": rm_w2s, **PO}[method]
+    module, data_dir = {"rm": rm_w2s, **PO}[method], long_data_dir
     results = module.main(small_argv(data_dir, tmp_path, "--settings", "none", "--max_len", "40", "--weak_max_len",
                                      "24", *(["--epochs", "1"] if method != "rm" else [])))
     root = Path(results["run_dir"])

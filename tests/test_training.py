@@ -252,6 +252,7 @@ def test_defaults_are_the_papers():
     assert (rm.lr, rm.batch_size, rm.epochs, rm.warmup_ratio, rm.grad_clip, rm.weight_decay, rm.max_len) \
         == (1e-5, 32, 1, 0.0, 0.0, 0.0, 512)  # Adam, cosine annealing from the first step, no clipping
     assert (rm.conf_scale, rm.alpha, rm.hard_labels) == (1.0, 0.5, False)  # soft labels p = sigmoid(margin)
+    assert rm.head_lr == 0.0  # 0 = the head at --lr: one rate for body and head, as the paper's code
     assert (dpo.lr, dpo.epochs, dpo.sft_epochs, dpo.beta, dpo.warmup_ratio, dpo.grad_clip, dpo.conf_scale) \
         == (1e-6, 3, 1, 0.1, 0.1, 0.0, 50.0)  # confidence sigmoid(margin_sum / 50)
     assert (simpo.lr, simpo.epochs, simpo.sft_epochs, simpo.beta, simpo.gamma, simpo.warmup_ratio, simpo.grad_clip,

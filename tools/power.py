@@ -282,9 +282,9 @@ def ols(xs, ys, level=0.95):
 # ----------------------------------------------------------------------------------------------------
 # reading finished runs
 
-def read_correct(stage_dir):
+def read_predictions(stage_dir):
     path = Path(stage_dir) / "predictions.jsonl"
-    return [bool(row["correct"]) for row in common.read_jsonl(path)] if path.is_file() else None
+    return list(common.read_jsonl(path)) if path.is_file() else None
 
 
 def rung_label(weak, strong, intermediate, short):
@@ -294,15 +294,16 @@ def rung_label(weak, strong, intermediate, short):
 
 def measure(folder, config, delta, alpha, target):
     """One run's numbers from its stages' predictions, or a reason it is left out."""
-    correct = {stage: read_correct(folder / stage) for stage in STAGES}
-    missing = [s for s, c in correct.items() if c is None]
+    rows = {stage: read_predictions(folder / stage) for stage in STAGES}
+    missing = [s for s, r in rows.items() if r is None]
     if missing:
         return None, f"no predictions.jsonl in {', '.join(missing)}"
+    correct = {stage: [bool(row["correct"]) for row in r] for stage, r in rows.items()}
     if len({len(c) for c in correct.values()}) != 1:
         return None, "the stages' predictions.jsonl cover different numbers of test pairs"
     weak, strong, none, explicit = (correct[s] for s in STAGES)
     N = len(weak)
-    strong_margin = [row["margin"] for row in common.read_jsonl(folder / "strong" / "predictions.jsonl")]
+    strong_margin = [row["margin"] for row in rows["strong"]]
     matched = dose.margin_strata(weak, strong, strong_margin, none, {"explicit": explicit})["explicit"]
     space = {s: common.knowledge_space(weak, strong, correct[f"student-{s}"]) for s in ("none", "explicit")}
     wu_sk = space["none"]["areas"][common.WU_SK]

@@ -143,6 +143,9 @@ def check_out_dir(path):
         raise SystemExit(f"error: --out_dir {path}: {p} is not writable by this user")
 
 
+CUT = re.compile(r":first\d+$")  # NAME:firstK, a model cut to its first K layers (pretrained.py builds it)
+
+
 def check_model_name(option, name):
     """A model is a Hub id ("gpt2", "org/name"), a local folder holding a config.json, a .gguf file,
     tiny:LxD[+ptN], or any of the first three followed by :firstK. Say which part is wrong, before loading."""
@@ -152,7 +155,7 @@ def check_model_name(option, name):
             raise SystemExit(f"error: --{option} {name}: a tiny model is tiny:LxD or tiny:LxD+ptN with L >= 1 layers "
                              "and a width D >= 1 that its max(1, D // 16) attention heads divide (e.g. tiny:2x64+pt600)")
         return
-    base = re.sub(r":first\d+$", "", name)
+    base = CUT.sub("", name)
     if os.path.exists(base):
         if base.endswith(".gguf") and os.path.isfile(base):
             return
@@ -174,7 +177,7 @@ def check_hub_cache(args):
     missing = []
     for option in ("weak", "strong", "intermediate"):
         name = getattr(args, option)
-        repo = re.sub(r":first\d+$", "", name or "")
+        repo = CUT.sub("", name or "")
         if not repo or repo.startswith("tiny:") or repo.endswith(".gguf") or os.path.exists(repo):
             continue
         if not isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
@@ -230,7 +233,7 @@ def check_model(option, name):
 
 def needs_conversion(name):
     """A `.gguf` file or a `NAME:firstK` spelling: a model pretrained.py builds into a folder (converted)."""
-    return name.endswith(".gguf") or re.search(r":first\d+$", name) is not None
+    return name.endswith(".gguf") or CUT.search(name) is not None
 
 
 def converted(name, root):

@@ -284,7 +284,7 @@ def ols(xs, ys, level=0.95):
 
 def read_predictions(stage_dir):
     path = Path(stage_dir) / "predictions.jsonl"
-    return list(common.read_jsonl(path)) if path.is_file() else None
+    return common.read_jsonl(path) if path.is_file() else None
 
 
 def rung_label(weak, strong, intermediate, short):

@@ -559,3 +559,34 @@ def test_readme_arith_numbers_are_what_calibrate_computes_from_the_committed_res
     assert (HERE / "results/arith-calibration/calibration.md").read_text() == generated
     quoted = set(re.findall(r"\b0\.[5-9]\d\d\b", section))
     assert len(quoted) >= 10 and sorted(q for q in quoted if q not in generated) == []
+
+
+# the signed numbers, "mean ± sd [lo, hi]" groups and three-decimal intervals a README findings paragraph quotes
+README_QUOTED = re.compile(r"(?<![\w.])[+−-]?\d\.\d{3} ± \d\.\d{3}(?: \[[+−-]?\d\.\d{3}, [+−-]?\d\.\d{3}\])?"
+                           r"|\[[+−-]?\d\.\d{3}, [+−-]?\d\.\d{3}\]|(?<![\w.])[+−-]\d\.\d{3}\b")
+
+
+@pytest.mark.parametrize("heading, folder", [("### Real weights: SmolLM2", "results/ladder"),
+                                             ("### Arithmetic:", "results/arith-ladder")])
+def test_readme_findings_quote_the_committed_power_dose_and_sweep_files(heading, folder):
+    """Each signed number, spread and interval a real testbed's README section quotes is written, as quoted, in
+    its folder's power.md, dose.md or sweep/sweep.md. The HH ladder is final, so its power.md is also what
+    power.py computes from its committed runs now; the arithmetic ladder's grows while its stages land, so there
+    the committed file is the reference (regenerated with each commit of the README)."""
+    from tools import power
+    readme = (HERE / "README.md").read_text()
+    start = readme.index(heading)
+    section = readme[start:re.compile(r"^##", re.M).search(readme, start + 1).start()]  # up to the next heading
+    files = [HERE / folder / name for name in ("power.md", "dose.md", "sweep/sweep.md")]
+    written = "\n".join(f.read_text() for f in files if f.is_file()).replace("−", "-")
+    quoted = [q.replace("−", "-") for q in README_QUOTED.findall(section)]
+    assert len(quoted) >= 4, heading
+    assert [q for q in quoted if q not in written and q.lstrip("+") not in written] == []
+    if folder == "results/ladder":
+        cwd = os.getcwd()
+        os.chdir(HERE)  # power.md names its folder as a reader types it
+        try:
+            generated = power.render(power.summarize(Path(folder)))
+        finally:
+            os.chdir(cwd)
+        assert (HERE / folder / "power.md").read_text().split("\n", 2)[2] == generated, "power.md is not current"

@@ -264,3 +264,51 @@ def test_folder_mode_reads_wk_sk_and_the_matched_difference_across_seeds(ladder,
     g = configs["first2 -> first16"]
     assert (f"| first2 -> first16 | 0.5 | +0.017, +0.000, +0.000 | +0.006 ± 0.010 {power.interval(g['wk_sk']['ci'])} | "
             f"{g['wk_sk']['p']:.2g} | " + ", ".join(f"{v:+.3f}" for v in g["matched"]["values"])) in text
+
+
+def test_folder_mode_reads_arithmetic_runs_per_tier(tmp_path):
+    """On arithmetic runs power.py gives, per tier and across seeds, ΔDS inside the tier's WU ∩ SK pairs and the
+    change of the error in its WK ∩ SK pairs, recounted here from the tiers arith.py gives each test pair; a run
+    whose config.json names another test split than its predictions cover is left out, with the reason."""
+    import arith
+    root, rng, by_hand = tmp_path / "arith", random.Random(0), {}
+    for seed in range(3):
+        folder = root / f"simpo-arith-s{seed}"
+        config = {"data": "arith", "weak": "m:first2", "strong": "m:first16", "intermediate": "", "alpha": 0.5,
+                  "seed": seed, "student_seed": -1, "n_gt": 20, "n_w2s": 20, "n_test": N}
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        stages = {s: [rng.random() < 0.7 for _ in range(N)] for s in power.STAGES}
+        for stage, correct in stages.items():
+            (folder / stage).mkdir()
+            (folder / stage / "predictions.jsonl").write_text(
+                "".join(json.dumps({"index": i, "margin": 1.0 if x else -1.0, "correct": x}) + "\n"
+                        for i, x in enumerate(correct)))
+        weak, strong, none, explicit = (stages[s] for s in power.STAGES)
+        tiers = arith.tiers_of_test_split(config)
+        for tier in set(tiers):
+            for area, weak_known in (("wu", False), ("wk", True)):
+                idx = [i for i in range(N) if tiers[i] == tier and weak[i] == weak_known and strong[i]]
+                change = (sum(not explicit[i] for i in idx) - sum(not none[i] for i in idx)) / len(idx)
+                by_hand.setdefault((tier, area), []).append(change)
+    bad = root / "simpo-arith-s3"  # a test split of 50 pairs, predictions of 100
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**config, "seed": 3, "n_test": 50}))
+    for stage in power.STAGES:
+        (bad / stage).mkdir()
+        (bad / stage / "predictions.jsonl").write_text((folder / stage / "predictions.jsonl").read_text())
+
+    power.main([str(root), "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "power.json").read_text())
+    assert [x["dir"] for x in result["left_out"]] == ["simpo-arith-s3"]
+    assert "test split of 50 pairs, the predictions cover 100" in result["left_out"][0]["reason"]
+    (g,) = result["configs"]
+    assert list(g["tiers"]) == [t for t in arith.TIERS if t in g["tiers"]] and len(g["tiers"]) == len(arith.TIERS)
+    for tier, t in g["tiers"].items():
+        assert t["delta_ds"]["values"] == pytest.approx(by_hand[(tier, "wu")])
+        assert t["wk_sk"]["values"] == pytest.approx(by_hand[(tier, "wk")])
+        assert t["delta_ds"]["mean"] == pytest.approx(statistics.fmean(by_hand[(tier, "wu")]))
+        assert t["delta_ds"]["sd"] == pytest.approx(statistics.stdev(by_hand[(tier, "wu")]))
+    text = (tmp_path / "out" / "power.md").read_text()
+    tier = next(iter(g["tiers"]))
+    assert f"| first2 -> first16 | 0.5 | {tier} | " in text and "Per tier (arithmetic runs)" in text

@@ -41,7 +41,8 @@ predictions (churn runs and unfinished ones are named and left out), groups them
 intermediate model) and alpha, and writes power.md (its first line the command) and power.json: the numbers above
 per run and per rung; across seeds, beside ΔDS, the change of the error in WK ∩ SK (the area the supervisor can
 check) and the difficulty-matched difference of tools/dose.py (WU ∩ SK minus WK ∩ SK within bins of the strong
-ceiling's margin), each with its t interval and t-test; the slope, raw DS of each bootstrapped run's students
+ceiling's margin), each with its t interval and t-test, and on arithmetic runs ΔDS and the WK ∩ SK change inside
+each tier (arith.py's tier of each test pair); the slope, raw DS of each bootstrapped run's students
 against the direct run's of the same models, alpha and seed, and the widest direct rung's explicit students (ΔDS
 beside the change of the error in WK ∩ SK).
 
@@ -58,6 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and the method scripts: one folder up
 
+import arith
 import common
 import runs
 from tools import dose, sweep
@@ -305,6 +307,16 @@ def measure(folder, config, delta, alpha, target):
     N = len(weak)
     strong_margin = [row["margin"] for row in rows["strong"]]
     matched = dose.margin_strata(weak, strong, strong_margin, none, {"explicit": explicit})["explicit"]
+    tiers = None
+    if str(config.get("data", "")).startswith("arith"):  # arith.py records each test pair's tier
+        order = arith.tiers_of_test_split(config)
+        if len(order) != N:
+            return None, f"config.json gives a test split of {len(order)} pairs, the predictions cover {N}"
+        tiers = {}
+        for tier in [t for t in arith.TIERS if t in order]:
+            ch = dose.changes_on([i for i, t in enumerate(order) if t == tier], weak, strong, none, explicit)
+            tiers[tier] = {"n": ch[common.WU_SK]["n"], "delta_ds": ch[common.WU_SK]["net"],
+                           "delta_err_wk_sk": ch[common.WK_SK]["net"]}
     space = {s: common.knowledge_space(weak, strong, correct[f"student-{s}"]) for s in ("none", "explicit")}
     wu_sk = space["none"]["areas"][common.WU_SK]
     n = wu_sk["n"]
@@ -330,7 +342,7 @@ def measure(folder, config, delta, alpha, target):
         "p": common.mcnemar_exact(b, c), "power": power,
         "min_delta": mcnemar_min_delta(n, psi, alpha, target) if psi else None,
         "pairs_needed": pairs, "test_needed": math.ceil(pairs / (n / N)) if pairs and n else None,
-        "correct": correct,
+        "tiers": tiers, "correct": correct,
     }, None
 
 
@@ -376,11 +388,19 @@ def across_seeds(group, delta, alpha, target):
     error where the supervisor can check (WK ∩ SK) and of the difficulty-matched difference (tools/dose.py)."""
     t = t_summary([r["delta_ds"] for r in group if r["delta_ds"] is not None])
     sd = t["sd"]
+    per_tier = {}  # arithmetic runs: the same two summaries inside each tier
+    for r in group:
+        for tier, row in (r["tiers"] or {}).items():
+            per_tier.setdefault(tier, []).append(row)
+    tiers = {tier: {"n": statistics.fmean(row["n"] for row in rows),
+                    "delta_ds": t_summary([row["delta_ds"] for row in rows if row["delta_ds"] is not None]),
+                    "wk_sk": t_summary([row["delta_err_wk_sk"] for row in rows if row["delta_err_wk_sk"] is not None])}
+             for tier, rows in per_tier.items()}
     return {"seeds": [r["seed"] for r in group], "delta_ds": t["values"], "mean": t["mean"], "sd": sd, "ci": t["ci"],
             "p": t["p"], "t_power": t_test_power(delta, sd, len(t["values"]), alpha) if sd else None,
             "seeds_needed": seeds_needed(delta, sd, alpha, target) if sd else None,
             "wk_sk": t_summary([r["delta_err_wk_sk"] for r in group if r["delta_err_wk_sk"] is not None]),
-            "matched": t_summary([r["matched"] for r in group if r["matched"] is not None])}
+            "matched": t_summary([r["matched"] for r in group if r["matched"] is not None]), "tiers": tiers}
 
 
 def bootstrapping(measured):
@@ -536,6 +556,15 @@ def render(result):
               "seed | mean ± SD [95% CI] | t-test p |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['rung']} | {g['alpha']:g} | " + " | ".join(summary_cells(g["wk_sk"]) + summary_cells(g["matched"]))
               + " |" for g in result["configs"]]
+    if any(g["tiers"] for g in result["configs"]):
+        lines += ["", "Per tier (arithmetic runs): ΔDS inside each tier's WU ∩ SK pairs (their mean count over seeds) and "
+                  "the change of the error in the tier's WK ∩ SK pairs, per seed, mean ± SD [95% t interval] and the "
+                  "t-test's p against 0: does a finding hold on every tier, or on one?", "",
+                  "| rung | alpha | tier | WU ∩ SK pairs | ΔDS per seed | mean ± SD [95% CI] | t-test p | WK ∩ SK change "
+                  "per seed | mean ± SD [95% CI] | t-test p |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['rung']} | {g['alpha']:g} | {tier} | {t['n']:.0f} | "
+                  + " | ".join(summary_cells(t["delta_ds"]) + summary_cells(t["wk_sk"])) + " |"
+                  for g in result["configs"] for tier, t in g["tiers"].items()]
 
     lines += ["", "## ΔDS against the capability gap", "",
               "Ordinary least squares over runs (a run's gap: strong − weak ceiling test accuracy); the slope's 95% "

@@ -533,7 +533,8 @@ def render(result):
         per_seed = ", ".join(f"{v:+.3f}" for v in g["delta_ds"])
         ci, p = (interval(g["ci"]), f"{g['p']:.2g}") if g["ci"] else ("", "–")
         lines.append(f"| {g['rung']} | {g['alpha']:g} | {g['gap']:.3f} | {len(g['delta_ds'])} | {per_seed} | "
-                     f"{g['mean']:+.3f} ± {fmt(g['sd'])} {ci} | {p} | {fmt(g['t_power'])} | {g['seeds_needed'] or '–'} |")
+                     f"{g['mean']:+.3f} ± {fmt(g['sd'])} {ci}".rstrip() + f" | {p} | {fmt(g['t_power'])} | "
+                     f"{g['seeds_needed'] or '–'} |")
     lines += ["", "The SD pooled over configurations (variances weighted by their degrees of freedom), and what it gives:",
               "", f"| configurations | count | df | pooled SD | t-test power with 3 seeds | seeds for {pct} |",
               "|---|---|---|---|---|---|"]
@@ -544,7 +545,7 @@ def render(result):
         per_seed = ", ".join(f"{v:+.3f}" for v in t["values"]) or "–"
         if t["mean"] is None:
             return [per_seed, "–", "–"]
-        return [per_seed, f"{t['mean']:+.3f} ± {fmt(t['sd'])} {interval(t['ci']) if t['ci'] else ''}",
+        return [per_seed, f"{t['mean']:+.3f} ± {fmt(t['sd'])} {interval(t['ci']) if t['ci'] else ''}".rstrip(),
                 f"{t['p']:.2g}" if t["p"] is not None else "–"]
 
     lines += ["", "Where the supervisor can check, and matched on difficulty: per seed the change of the explicit "

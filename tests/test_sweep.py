@@ -579,7 +579,7 @@ def test_readme_findings_quote_the_committed_power_dose_and_sweep_files(heading,
     section = readme[start:re.compile(r"^##", re.M).search(readme, start + 1).start()]  # up to the next heading
     files = [HERE / folder / name for name in ("power.md", "dose.md", "sweep/sweep.md")]
     written = "\n".join(f.read_text() for f in files if f.is_file()).replace("−", "-")
-    quoted = [q.replace("−", "-") for q in README_QUOTED.findall(section)]
+    quoted = [q.replace("−", "-") for q in README_QUOTED.findall(" ".join(section.split()))]  # across line breaks
     assert len(quoted) >= 4, heading
     assert [q for q in quoted if q not in written and q.lstrip("+") not in written] == []
     if folder == "results/ladder":

@@ -523,6 +523,13 @@ def render(result):
             f"{r['b']} / {r['c']} | {fmt(r['discordant'])} | {r['delta_ds']:+.3f} | {r['p']:.2g} | {fmt(r['power'])} | "
             f"{fmt(r['min_delta'])} | {r['pairs_needed'] or '–'} / {r['test_needed'] or '–'} |")
 
+    def summary_cells(t):  # per-seed values, mean ± SD [95% CI], t-test p
+        per_seed = ", ".join(f"{v:+.3f}" for v in t["values"]) or "–"
+        if t["mean"] is None:
+            return [per_seed, "–", "–"]
+        return [per_seed, f"{t['mean']:+.3f} ± {fmt(t['sd'])} {interval(t['ci']) if t['ci'] else ''}".rstrip(),
+                f"{t['p']:.2g}" if t["p"] is not None else "–"]
+
     lines += ["", "## Across seeds", "",
               "Mean, sample SD and 95% t interval of ΔDS over seeds, and the one-sample t-test's p against 0; the power "
               f"of that test (two-sided, {a:g}) for a true ΔDS of {d:g} with this SD and this many seeds (noncentral t), "
@@ -530,23 +537,14 @@ def render(result):
               f"| rung | alpha | gap | seeds | ΔDS per seed | mean ± SD [95% CI] | t-test p | t-test power at {d:g} | "
               f"seeds for {pct} |", "|---|---|---|---|---|---|---|---|---|"]
     for g in result["configs"]:
-        per_seed = ", ".join(f"{v:+.3f}" for v in g["delta_ds"])
-        ci, p = (interval(g["ci"]), f"{g['p']:.2g}") if g["ci"] else ("", "–")
-        lines.append(f"| {g['rung']} | {g['alpha']:g} | {g['gap']:.3f} | {len(g['delta_ds'])} | {per_seed} | "
-                     f"{g['mean']:+.3f} ± {fmt(g['sd'])} {ci}".rstrip() + f" | {p} | {fmt(g['t_power'])} | "
-                     f"{g['seeds_needed'] or '–'} |")
+        cells = summary_cells({**g, "values": g["delta_ds"]})
+        lines.append(f"| {g['rung']} | {g['alpha']:g} | {g['gap']:.3f} | {len(g['delta_ds'])} | " + " | ".join(cells)
+                     + f" | {fmt(g['t_power'])} | {g['seeds_needed'] or '–'} |")
     lines += ["", "The SD pooled over configurations (variances weighted by their degrees of freedom), and what it gives:",
               "", f"| configurations | count | df | pooled SD | t-test power with 3 seeds | seeds for {pct} |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {p['configs']} | {p['df']} | {p['sd']:.4f} | {fmt(p['t_power_3'])} | {p['seeds_needed'] or '–'} |"
               for label, p in result["pooled_sd"].items() if p]
-
-    def summary_cells(t):
-        per_seed = ", ".join(f"{v:+.3f}" for v in t["values"]) or "–"
-        if t["mean"] is None:
-            return [per_seed, "–", "–"]
-        return [per_seed, f"{t['mean']:+.3f} ± {fmt(t['sd'])} {interval(t['ci']) if t['ci'] else ''}".rstrip(),
-                f"{t['p']:.2g}" if t["p"] is not None else "–"]
 
     lines += ["", "Where the supervisor can check, and matched on difficulty: per seed the change of the explicit "
               "student's error in weak-known ∩ strong-known (WK ∩ SK), and the difference of the net changes, WU ∩ SK "

@@ -135,3 +135,8 @@ def tiers_of_test_split(config):
     """The tier of each test pair of a run, from its config.json (predictions.jsonl row i is test pair i)."""
     n = {"gt": config["n_gt"], "w2s": config["n_w2s"], "test": config["n_test"]}
     return [p["tier"] for p in make_arith_pairs(n, config["seed"], config["data"] == "arith:val")["test"]]
+
+
+def tiers_of_run(config):
+    """tiers_of_test_split for a run on arith (or arith:val), None for a run on any other source."""
+    return tiers_of_test_split(config) if str(config.get("data", "")).startswith("arith") else None

@@ -45,6 +45,8 @@ def test_splits_disjoint_by_question():
     assert val["gt"] == splits["gt"] and val["w2s"] == splits["w2s"]
     config = {"data": "arith", "n_gt": n, "n_w2s": n, "n_test": n, "seed": 0}
     assert arith.tiers_of_test_split(config) == [p["tier"] for p in splits["test"]]  # a run's test order
+    assert arith.tiers_of_run(config) == arith.tiers_of_test_split(config)
+    assert arith.tiers_of_run({**config, "data": "toy"}) is None  # another source has no tiers
     questions = {"gt": splits["gt"], "w2s": splits["w2s"], "test": splits["test"], "val": val["test"]}
     questions = {name: [question(p) for p in pairs] for name, pairs in questions.items()}
     for name, qs in questions.items():

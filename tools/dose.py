@@ -233,8 +233,9 @@ def response(base, students):
                                               "none": sum(none) / len(none)}, "students": rows}
     result["strata"] = margin_strata(weak, strong, [row["margin"] for row in strong_rows], none, corrects)
     config = sweep.read_json(base / "config.json")
-    if str(config.get("data", "")).startswith("arith"):  # arith.py records each test pair's tier
-        result["tiers"] = tier_rows(arith.tiers_of_test_split(config), weak, strong, none, corrects)
+    order = arith.tiers_of_run(config)  # arith.py records each test pair's tier
+    if order is not None:
+        result["tiers"] = tier_rows(order, weak, strong, none, corrects)
     return result
 
 

@@ -308,8 +308,8 @@ def measure(folder, config, delta, alpha, target):
     strong_margin = [row["margin"] for row in rows["strong"]]
     matched = dose.margin_strata(weak, strong, strong_margin, none, {"explicit": explicit})["explicit"]
     tiers = None
-    if str(config.get("data", "")).startswith("arith"):  # arith.py records each test pair's tier
-        order = arith.tiers_of_test_split(config)
+    order = arith.tiers_of_run(config)  # arith.py records each test pair's tier
+    if order is not None:
         if len(order) != N:
             return None, f"config.json gives a test split of {len(order)} pairs, the predictions cover {N}"
         tiers = {}

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,42 @@ def launch(args, nproc=None, timeout=300):
                           timeout=timeout)
 
 
+def launch_run(argv, nproc):
+    """A script's whole run under torchrun. gloo's C++ threads, still alive at the interpreter's exit, sometimes
+    abort a rank with SIGABRT after everything is written (pytorch/pytorch#190489; seen about once in 20 loaded full
+    suites): when a run printed its report and then lost a rank to that signal, the same command runs once more, and
+    must find every stage done and exit cleanly. Any other failure, or the abort twice, fails the test."""
+    result = launch(argv, nproc=nproc)
+    if result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr and "Knowledge space" in result.stdout:
+        warnings.warn(f"a rank aborted at exit after the report (gloo teardown); running once more:\n{result.stderr[-1500:]}")
+        again = launch(argv, nproc=nproc)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "Knowledge space" in again.stdout and "cached in" in again.stdout
+        return subprocess.CompletedProcess(again.args, 0, result.stdout, again.stderr)  # the first run's report
+    return result
+
+
+def test_launch_run_runs_again_only_after_an_abort_at_exit(monkeypatch):
+    report, abort = "== Knowledge space ==", "exitcode  : -6\n  traceback : Signal 6 (SIGABRT) received by PID 7"
+    def calls(*results):
+        queue = list(results)
+        monkeypatch.setattr(sys.modules[__name__], "launch", lambda argv, nproc=None: queue.pop(0))
+        return queue
+    def done(out, err="", rc=0):
+        return subprocess.CompletedProcess(["torchrun"], rc, out, err)
+    queue = calls(done(report, abort, -6), done("cached in ...\n" + report))
+    with pytest.warns(UserWarning, match="aborted at exit"):
+        result = launch_run(["x.py"], nproc=2)
+    assert result.returncode == 0 and result.stdout == report and queue == []
+    calls(done("", abort, -6))  # aborted before the report: a failure, not run again
+    assert launch_run(["x.py"], nproc=2).returncode == -6
+    calls(done(report, "Traceback ...", 1))  # another failure after the report: not run again
+    assert launch_run(["x.py"], nproc=2).returncode == 1
+    calls(done(report, abort, -6), done(report, abort, -6))  # the abort twice fails the test
+    with pytest.warns(UserWarning), pytest.raises(AssertionError):
+        launch_run(["x.py"], nproc=2)
+
+
 def run_folder(out_dir):
     [root] = [p for p in Path(out_dir).iterdir() if p.name != "models"]
     return root
@@ -48,7 +85,7 @@ def test_two_ranks_give_the_one_process_margins(method, args, data_dir, tmp_path
     argv = [f"{method}_w2s.py", "--data", data_dir, *SMALL, "--lr", "1e-3", *args]
     one = launch(argv + ["--out_dir", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch(argv + ["--out_dir", tmp_path / "two"], nproc=2)
+    two = launch_run(argv + ["--out_dir", tmp_path / "two"], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = run_folder(tmp_path / "one"), run_folder(tmp_path / "two")
     assert a.name == b.name  # the same configuration: the world size is not an option of the run
@@ -69,7 +106,7 @@ def test_two_ranks_give_the_one_process_margins(method, args, data_dir, tmp_path
           f"{max(abs(u - v) for s in stages for u, v in zip(margins(a / s), margins(b / s))):.3g}")
     assert two.stdout.count("Knowledge space") == 1  # rank 0 alone prints the report
     if method == "rm":  # the stage cache under torchrun: a second run finds every stage done
-        again = launch(argv + ["--out_dir", tmp_path / "two"], nproc=2)
+        again = launch_run(argv + ["--out_dir", tmp_path / "two"], nproc=2)
         assert again.returncode == 0, again.stderr[-3000:]
         assert again.stdout.count("cached in") == len(stages)
 

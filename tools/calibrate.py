@@ -175,9 +175,10 @@ def is_calibration(config):
 
 def tier_accuracy(config, predictions):
     """{tier: [right, pairs]} of an arith run's validation predictions (arith.tiers_of_test_split), else None."""
-    tiers, counts = arith.tiers_of_run(config), {tier: [0, 0] for tier in arith.TIERS}
+    tiers = arith.tiers_of_run(config)
     if tiers is None:
         return None
+    counts = {tier: [0, 0] for tier in arith.TIERS}
     for row in predictions:
         counts[tiers[row["index"]]][0] += row["margin"] > 0
         counts[tiers[row["index"]]][1] += 1

@@ -39,7 +39,8 @@ def launch_run(argv, nproc):
     """A script's whole run under torchrun. gloo's C++ threads, still alive at the interpreter's exit, sometimes
     abort a rank with SIGABRT after everything is written (pytorch/pytorch#190489; seen in loaded full suites: once
     in ~20 in the gradient test, once here): when a run printed its report and then lost a rank to that signal, the
-    same command runs once more, and must find every stage done and exit cleanly. Any other failure, or the abort twice, fails the test."""
+    same command runs once more, and must find every stage done and exit cleanly. Any other failure, or the abort
+    twice, fails the test."""
     result = launch(argv, nproc=nproc)
     if result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr and "Knowledge space" in result.stdout:
         warnings.warn(f"a rank aborted at exit after the report (gloo teardown); running once more:\n{result.stderr[-1500:]}")

@@ -43,7 +43,8 @@ def launch_run(argv, nproc):
     twice, fails the test."""
     result = launch(argv, nproc=nproc)
     if result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr and "Knowledge space" in result.stdout:
-        warnings.warn(f"a rank aborted at exit after the report (gloo teardown); running once more:\n{result.stderr[-1500:]}")
+        warnings.warn("a rank aborted at exit after the report (gloo teardown); running once more:\n"
+                      + result.stderr[-1500:])
         again = launch(argv, nproc=nproc)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "Knowledge space" in again.stdout and "cached in" in again.stdout
